@@ -1,0 +1,247 @@
+"""The catalog: what segments exist (store and local spool) and what each one covers.
+
+Used by ``replicator segments list|inspect|verify`` and, later, by the restore planner.
+
+Invariants:
+- Store segments are listed by name (sorted = offset order per partition); their facts
+  come from the footer, so listing reads a few KiB per segment, never the data.
+- ``verify`` reads every block and names each problem precisely: a corrupt segment by
+  name, byte position and offset; a hole between consecutive stored segments by range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import builtins
+from typing import Any
+
+from replicator import naming
+from replicator.errors import CorruptSegmentError, SegmentError
+from replicator.segment.reader import SegmentReader
+from replicator.storage.base import Store
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEntry:
+    """One segment as the catalog sees it."""
+
+    name: str
+    location: str  # "store" | "spool"
+    topic: str
+    partition: int
+    start: int
+    end: int
+    records: int
+    min_ts: int
+    max_ts: int
+    watermark_ms: int
+    bytes: int
+    raw_bytes: int
+    blocks: int
+    sealed: bool
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bytes / self.raw_bytes if self.raw_bytes else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["compression_ratio"] = round(self.compression_ratio, 4)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A verification finding. ``kind``: corrupt | gap | unreadable."""
+
+    kind: str
+    name: str
+    topic: str
+    partition: int
+    detail: str
+    position: int | None = None
+    offset: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _entry(reader: SegmentReader, name: str, location: str) -> SegmentEntry:
+    s = reader.summary
+    return SegmentEntry(
+        name=name,
+        location=location,
+        topic=reader.header.topic,
+        partition=reader.header.partition,
+        start=s.start,
+        end=s.end,
+        records=s.records,
+        min_ts=s.min_ts,
+        max_ts=s.max_ts,
+        watermark_ms=s.watermark_ms,
+        bytes=reader.file_size,
+        raw_bytes=s.raw_bytes,
+        blocks=s.blocks,
+        sealed=reader.sealed,
+    )
+
+
+class Catalog:
+    """Read-only view over a store and (optionally) this host's spool directory."""
+
+    def __init__(self, *, store: Store, data_dir: Path | None = None) -> None:
+        self.store = store
+        self.data_dir = data_dir
+        self._tmp = Path(tempfile.gettempdir())
+
+    async def store_names(self, topic: str | None = None) -> list[str]:
+        objs = await self.store.list(naming.segments_prefix(topic))
+        return [o.name for o in objs if naming.is_segment_name(o.name)]
+
+    def spool_paths(self, topic: str | None = None) -> list[Path]:
+        if self.data_dir is None:
+            return []
+        root = self.data_dir / "spool"
+        if not root.is_dir():
+            return []
+        pattern = f"{naming.check_topic(topic)}/*/*" if topic else "*/*/*"
+        return sorted(
+            p
+            for p in root.glob(pattern)
+            if p.name.endswith((naming.ACTIVE_SUFFIX, naming.SEALED_SUFFIX))
+            and not naming.is_temp(p.name)
+        )
+
+    async def _local(self, name: str) -> Path:
+        return await self.store.fetch_to(name, self._tmp / name.replace("/", "_"))
+
+    async def list(
+        self, topic: str | None = None, *, include_spool: bool = True
+    ) -> list[SegmentEntry]:
+        """Every segment, store first then spool, sorted by topic, partition, offset."""
+        out: list[SegmentEntry] = []
+        for name in await self.store_names(topic):
+            path = await self._local(name)
+            out.append(await asyncio.to_thread(self._read_entry, path, name, "store"))
+        if include_spool:
+            for path in self.spool_paths(topic):
+                try:
+                    out.append(await asyncio.to_thread(self._read_entry, path, str(path), "spool"))
+                except (SegmentError, OSError):
+                    continue  # being written or sealed right now
+        out.sort(key=lambda e: (e.topic, e.partition, e.start, e.location))
+        return out
+
+    @staticmethod
+    def _read_entry(path: Path, name: str, location: str) -> SegmentEntry:
+        with SegmentReader(path, name=name, expect_sealed=location == "store") as r:
+            return _entry(r, name, location)
+
+    async def inspect(
+        self, name_or_path: str
+    ) -> tuple[SegmentEntry, builtins.list[dict[str, Any]]]:
+        """A segment's summary and its block index (blocks as dicts)."""
+        p = Path(name_or_path)
+        if p.exists():
+            path, name, location = p, str(p), "file"
+        else:
+            naming.check_relative_name(name_or_path)
+            path, name, location = await self._local(name_or_path), name_or_path, "store"
+
+        def read() -> tuple[SegmentEntry, builtins.list[dict[str, Any]]]:
+            with SegmentReader(path, name=name, expect_sealed=location == "store") as r:
+                blocks = [
+                    {
+                        "position": b.position,
+                        "start": b.start,
+                        "end": b.end,
+                        "records": b.records,
+                        "min_ts": b.min_ts,
+                        "max_ts": b.max_ts,
+                        "bytes": b.size,
+                        "raw_bytes": b.raw_len,
+                        "watermark_ms": b.watermark_ms,
+                    }
+                    for b in r.blocks
+                ]
+                return _entry(r, name, location), blocks
+
+        return await asyncio.to_thread(read)
+
+    async def verify(
+        self, topic: str | None = None
+    ) -> tuple[builtins.list[SegmentEntry], builtins.list[Problem]]:
+        """Check every stored segment's blocks and the continuity between segments."""
+        entries: list[SegmentEntry] = []
+        problems: list[Problem] = []
+        for name in await self.store_names(topic):
+            seg = naming.parse_segment_name(name)
+            try:
+                path = await self._local(name)
+                entry = await asyncio.to_thread(self._verify_one, path, name)
+                entries.append(entry)
+                if (entry.start, entry.end, entry.topic, entry.partition) != (
+                    seg.start,
+                    seg.end,
+                    seg.topic,
+                    seg.partition,
+                ):
+                    problems.append(
+                        Problem(
+                            "corrupt",
+                            name,
+                            seg.topic,
+                            seg.partition,
+                            f"contents cover {entry.topic}[{entry.partition}] "
+                            f"[{entry.start}, {entry.end}), the name says [{seg.start}, {seg.end})",
+                        )
+                    )
+            except CorruptSegmentError as exc:
+                problems.append(
+                    Problem(
+                        "corrupt",
+                        name,
+                        seg.topic,
+                        seg.partition,
+                        exc.reason,
+                        exc.position,
+                        exc.offset,
+                    )
+                )
+            except (SegmentError, OSError) as exc:
+                problems.append(Problem("unreadable", name, seg.topic, seg.partition, str(exc)))
+        problems.extend(find_gaps(await self.store_names(topic)))
+        return entries, problems
+
+    @staticmethod
+    def _verify_one(path: Path, name: str) -> SegmentEntry:
+        with SegmentReader(path, name=name, expect_sealed=True) as r:
+            r.verify()
+            return _entry(r, name, "store")
+
+
+def find_gaps(names: Iterable[str]) -> list[Problem]:
+    """Holes or overlaps between consecutive stored segments of each partition."""
+    problems: list[Problem] = []
+    last: dict[tuple[str, int], naming.SegmentName] = {}
+    for seg in sorted(naming.parse_segment_name(n) for n in names):
+        key = (seg.topic, seg.partition)
+        prev = last.get(key)
+        if prev is not None and seg.start != prev.end:
+            kind = "gap" if seg.start > prev.end else "overlap"
+            problems.append(
+                Problem(
+                    kind,
+                    seg.name,
+                    seg.topic,
+                    seg.partition,
+                    f"{kind}: previous segment ends at {prev.end}, this one starts at {seg.start}",
+                    offset=prev.end,
+                )
+            )
+        last[key] = seg
+    return problems

@@ -1,0 +1,232 @@
+"""Configuration: a TOML file, then ``REPLICATOR_<SECTION>_<KEY>`` environment overrides.
+
+Every value is checked once, here, and a bad one raises :class:`ConfigError` naming the
+setting (``ingest.seal_age_s``), so the CLI prints one clear line, never a traceback.
+
+Example (all keys optional; these are the defaults)::
+
+    [kafka]
+    bootstrap_servers = "127.0.0.1:9092"
+    group_id = "replicator"
+    topics = ["attendance", "participant", "config"]
+
+    [store]
+    url = ""                      # empty: <ingest.data_dir>/store
+
+    [ingest]
+    data_dir = "./var/replicator"
+    flush_interval_ms = 50
+    seal_bytes = 67108864
+    seal_age_s = 60
+    max_event_bytes = 1048576
+
+    [objectives]
+    rpo_s = 3600
+    rto_s = 14400
+
+    [server]
+    host = "127.0.0.1"
+    port = 9187                   # 0: no metrics/health endpoint
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from replicator.errors import ConfigError, InvalidNameError
+from replicator.naming import check_topic
+
+ENV_PREFIX = "REPLICATOR_"
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "replicator"
+    topics: tuple[str, ...] = ("attendance", "participant", "config")
+    client_id: str = "replicator"
+    #: seconds to wait for the broker at start before failing with a clear error
+    connect_timeout_s: float = 30.0
+    session_timeout_ms: int = 10000
+    heartbeat_interval_ms: int = 3000
+    max_poll_records: int = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    #: ``file:///path`` or a path; empty means ``<ingest.data_dir>/store``
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSettings:
+    data_dir: Path = Path("./var/replicator")
+    flush_interval_ms: int = 50
+    seal_bytes: int = 64 * 1024 * 1024
+    seal_age_s: float = 60.0
+    block_bytes: int = 1024 * 1024
+    max_event_bytes: int = 1024 * 1024
+    commit_interval_ms: int = 1000
+    watermark_interval_ms: int = 1000
+    max_pending_bytes: int = 32 * 1024 * 1024
+    schemas_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Objectives:
+    rpo_s: float = 3600.0
+    rto_s: float = 14400.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 9187
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    objectives: Objectives = field(default_factory=Objectives)
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or str(self.ingest.data_dir / "store")
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "kafka": KafkaSettings,
+    "store": StoreSettings,
+    "ingest": IngestSettings,
+    "objectives": Objectives,
+    "server": ServerSettings,
+}
+
+
+def _coerce(setting: str, target: Any, value: Any) -> Any:
+    """Convert ``value`` (from TOML or an env string) to the type of the default ``target``."""
+    from_env = isinstance(value, str)
+    try:
+        if isinstance(target, bool):
+            if from_env:
+                low = value.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return low in ("1", "true", "yes")
+            if not isinstance(value, bool):
+                raise TypeError(type(value).__name__)
+            return value
+        if isinstance(target, int):
+            if isinstance(value, (bool, float)):
+                raise TypeError(type(value).__name__)
+            return int(value)
+        if isinstance(target, float):
+            if isinstance(value, bool):
+                raise TypeError("bool")
+            return float(value)
+        if isinstance(target, tuple):
+            if from_env:
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError("expected a list of strings")
+            return tuple(value)
+        if isinstance(target, Path) or (target is None and setting.endswith("_dir")):
+            if not isinstance(value, str):
+                raise TypeError(type(value).__name__)
+            return Path(value) if value else None
+        if isinstance(target, str):
+            if not isinstance(value, str):
+                raise TypeError(type(value).__name__)
+            return value
+    except (TypeError, ValueError) as exc:
+        kind = type(target).__name__ if target is not None else "path"
+        raise ConfigError(setting, f"expected {kind}, got {value!r} ({exc})") from None
+    raise ConfigError(setting, f"unsupported value {value!r}")
+
+
+def _apply(section_name: str, current: Any, values: Mapping[str, Any], source: str) -> Any:
+    known = {f.name for f in fields(current)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        setting = f"{section_name}.{key}"
+        if key not in known:
+            raise ConfigError(setting, f"unknown setting (from {source}); known: {sorted(known)}")
+        changes[key] = _coerce(setting, getattr(current, key), value)
+    return replace(current, **changes)
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (optional), apply environment overrides, validate, return the config."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    cfg = Config()
+    for name, values in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(name, f"unknown section in {path}; known: {sorted(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(name, "expected a table")
+        cfg = replace(cfg, **{name: _apply(name, getattr(cfg, name), values, str(path))})
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        rest = key[len(ENV_PREFIX) :].lower()
+        section, _, setting = rest.partition("_")
+        if section not in _SECTIONS or not setting:
+            continue
+        cfg = replace(
+            cfg, **{section: _apply(section, getattr(cfg, section), {setting: value}, key)}
+        )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks: positive sizes, seal age within the RPO, legal topic names."""
+    k, i, o = cfg.kafka, cfg.ingest, cfg.objectives
+    if not k.bootstrap_servers.strip():
+        raise ConfigError("kafka.bootstrap_servers", "must not be empty")
+    if not k.topics:
+        raise ConfigError("kafka.topics", "at least one topic is required")
+    for t in k.topics:
+        try:
+            check_topic(t)
+        except InvalidNameError as exc:
+            raise ConfigError("kafka.topics", str(exc)) from None
+    if not k.group_id:
+        raise ConfigError("kafka.group_id", "must not be empty")
+    if not 1 <= i.flush_interval_ms <= 10_000:
+        raise ConfigError("ingest.flush_interval_ms", "must be between 1 and 10000")
+    if i.seal_bytes < 64 * 1024:
+        raise ConfigError("ingest.seal_bytes", "must be at least 65536")
+    if i.seal_age_s <= 0:
+        raise ConfigError("ingest.seal_age_s", "must be positive")
+    if o.rpo_s <= 0 or o.rto_s <= 0:
+        raise ConfigError("objectives.rpo_s", "objectives must be positive")
+    if i.seal_age_s > o.rpo_s:
+        raise ConfigError(
+            "ingest.seal_age_s",
+            f"{i.seal_age_s:g}s exceeds the RPO objective objectives.rpo_s={o.rpo_s:g}s: "
+            "a sealed segment could be older than the RPO allows",
+        )
+    if i.max_event_bytes < 1024:
+        raise ConfigError("ingest.max_event_bytes", "must be at least 1024")
+    if i.block_bytes < 4096 or i.block_bytes > 16 * 1024 * 1024:
+        raise ConfigError("ingest.block_bytes", "must be between 4096 and 16777216")
+    if not 0 <= cfg.server.port <= 65535:
+        raise ConfigError("server.port", "must be 0..65535")

@@ -1,0 +1,96 @@
+"""The exception hierarchy: one root, specific subclasses that carry context.
+
+Every error the replicator raises on purpose derives from :class:`ReplicatorError`, so a
+caller (the CLI, an operator's script) can catch one class and still get a message that
+names what went wrong and where. Messages never contain secrets.
+"""
+
+from __future__ import annotations
+
+
+class ReplicatorError(Exception):
+    """Root of every error raised on purpose by replicator."""
+
+
+class ConfigError(ReplicatorError):
+    """A configuration value is missing, malformed or inconsistent.
+
+    ``setting`` names the offending setting (``ingest.seal_age_s``) so the CLI can print
+    one clear line instead of a traceback.
+    """
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+        self.message = message
+
+
+class ValidationError(ReplicatorError):
+    """A change event does not satisfy the envelope or its entity schema."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BrokerError(ReplicatorError):
+    """The Kafka broker is unreachable or refused an operation."""
+
+
+class StoreError(ReplicatorError):
+    """A store (local directory, object storage) failed an operation."""
+
+
+class ObjectExistsError(StoreError):
+    """A create-only write found the name already present; nothing was overwritten."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"object already exists: {name}")
+        self.name = name
+
+
+class ObjectNotFoundError(StoreError):
+    """The named object is not in the store."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"object not found: {name}")
+        self.name = name
+
+
+class InvalidNameError(ReplicatorError):
+    """A topic, partition or file name would escape the store or is not ours."""
+
+
+class SegmentError(ReplicatorError):
+    """Base of segment format and integrity errors."""
+
+
+class UnsupportedVersionError(SegmentError):
+    """A segment was written by an incompatible (newer major) format version."""
+
+    def __init__(self, path: str, major: int, minor: int, supported: int) -> None:
+        super().__init__(
+            f"{path}: segment format version {major}.{minor} is not supported "
+            f"(this replicator reads major version {supported}); upgrade replicator"
+        )
+        self.path = path
+        self.major = major
+        self.minor = minor
+
+
+class CorruptSegmentError(SegmentError):
+    """A segment failed a checksum or structural check.
+
+    ``path`` is the file (or store name) and ``position`` the byte position of the bad
+    block; ``offset`` is the first Kafka offset the bad block claims, when it is readable.
+    """
+
+    def __init__(self, path: str, position: int, reason: str, offset: int | None = None) -> None:
+        where = f"{path} at byte {position}"
+        if offset is not None:
+            where += f" (block starting at offset {offset})"
+        super().__init__(f"corrupt segment {where}: {reason}")
+        self.path = path
+        self.position = position
+        self.reason = reason
+        self.offset = offset

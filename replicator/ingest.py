@@ -1,0 +1,391 @@
+"""Ingest: consume the change topics and make every event durable exactly once.
+
+Loop: ``getmany`` -> per record: size check, ``orjson.loads``, schema validation -> valid
+records are framed with their *original bytes* into the partition's block builder,
+invalid ones go to the quarantine log with their reason -> the spool's group commit
+fsyncs -> the durable offsets are committed to Kafka.
+
+Invariants:
+- Kafka offsets are committed only up to ``PartitionLog.durable`` (fsync'd).
+- Where each partition resumes comes from the store and spool, never from Kafka's
+  committed offset. If Kafka no longer has the resume offset (retention), coverage starts
+  at Kafka's log start and the hole is logged: data Kafka deleted before we saw it.
+- Revoked partitions are flushed, sealed and shipped before the rebalance completes.
+- ``isolation_level=read_committed``: records of aborted transactions are never seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaError, RecordTooLargeError
+
+from replicator.config import Config
+from replicator.errors import BrokerError, ConfigError
+from replicator.metrics import Metrics
+from replicator.schemas import SchemaRegistry
+from replicator.spool import Spool, SpoolSettings
+from replicator.storage.base import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class IngestStats:
+    """Counters for progress displays (the Prometheus metrics carry the same facts)."""
+
+    ingested: int = 0
+    quarantined: int = 0
+    started: float = field(default_factory=time.monotonic)
+    sealed: int = 0
+
+
+class EventValidator:
+    """Decides, per raw Kafka value, whether it is a valid change event (hot path)."""
+
+    def __init__(self, *, registry: SchemaRegistry, max_event_bytes: int) -> None:
+        self.registry = registry
+        self.max_event_bytes = max_event_bytes
+        self._entities = frozenset(registry.entities)
+
+    def check(self, topic_entity: str | None, value: bytes | None) -> str | None:
+        """``None`` if valid, else a short reason naming what is wrong."""
+        if value is None:
+            return "null value (tombstone) is not a change event"
+        if len(value) > self.max_event_bytes:
+            return f"oversized: {len(value)} bytes > limit {self.max_event_bytes}"
+        try:
+            event = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            return f"malformed JSON: {exc}"
+        reason: str | None = self.registry.validate(event)
+        if reason is None and topic_entity is not None and event["entity"] != topic_entity:
+            reason = f"entity {event['entity']!r} does not belong on this topic ({topic_entity!r})"
+        return reason
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, ingestor: Ingestor) -> None:
+        self.ingestor = ingestor
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.ingestor._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.ingestor._on_assigned(assigned)
+
+
+class Ingestor:
+    """The ingest service. ``async with Ingestor(config=...) as ing: await ing.run()``."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store | None = None,
+        metrics: Metrics | None = None,
+        registry: SchemaRegistry | None = None,
+        on_progress: Callable[[Ingestor], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.store = store or open_store(config.store_url)
+        self.registry = registry or SchemaRegistry.load(config.ingest.schemas_dir)
+        self.validator = EventValidator(
+            registry=self.registry, max_event_bytes=config.ingest.max_event_bytes
+        )
+        i = config.ingest
+        self.spool = Spool(
+            settings=SpoolSettings(
+                data_dir=i.data_dir,
+                flush_interval_s=i.flush_interval_ms / 1000,
+                seal_bytes=i.seal_bytes,
+                seal_age_s=i.seal_age_s,
+                block_bytes=i.block_bytes,
+                watermark_interval_s=i.watermark_interval_ms / 1000,
+                max_pending_bytes=i.max_pending_bytes,
+            ),
+            store=self.store,
+            metrics=self.metrics,
+        )
+        self.stats = IngestStats()
+        self.on_progress = on_progress
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stop = asyncio.Event()
+        self._topic_entity = {
+            t: (t if t in self.registry.entities else None) for t in config.kafka.topics
+        }
+        self._last_commit = 0.0
+        self._committed: dict[TopicPartition, int] = {}
+        self.ready = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Ingestor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect to the broker (clear error if unreachable) and check the topics exist."""
+        k = self.config.kafka
+        self.config.ingest.data_dir.mkdir(parents=True, exist_ok=True)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=k.bootstrap_servers,
+            group_id=k.group_id,
+            client_id=k.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            request_timeout_ms=max(40000, k.session_timeout_ms + 5000),
+        )
+        try:
+            await asyncio.wait_for(consumer.start(), timeout=k.connect_timeout_s)
+        except (KafkaConnectionError, TimeoutError, OSError) as exc:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise BrokerError(
+                f"cannot reach Kafka at kafka.bootstrap_servers={k.bootstrap_servers!r}: "
+                f"{exc or type(exc).__name__}"
+            ) from None
+        try:
+            existing = await consumer.topics()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise BrokerError(f"cannot list topics: {exc}") from None
+        missing = [t for t in k.topics if t not in existing]
+        if missing:
+            await consumer.stop()
+            raise ConfigError(
+                "kafka.topics",
+                f"topic(s) {', '.join(missing)} do not exist on {k.bootstrap_servers} "
+                "(create them, or fix the list)",
+            )
+        self._consumer = consumer
+        await self.spool.start()
+        consumer.subscribe(topics=list(k.topics), listener=_Rebalance(self))
+        log.info("ingest started", extra={"topics": k.topics, "group": k.group_id})
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Seal and ship everything, commit durable offsets, leave the group."""
+        self._stop.set()
+        consumer = self._consumer
+        self._consumer = None
+        self.ready = False
+        try:
+            await self.spool.stop()
+        finally:
+            if consumer is not None:
+                with contextlib.suppress(Exception):
+                    await self._commit(consumer, force=True, logs=None)
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+
+    # -- rebalance -------------------------------------------------------------------------
+
+    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        tps = [(tp.topic, tp.partition) for tp in revoked]
+        log.info("partitions revoked", extra={"partitions": tps})
+        await self.spool.flush()
+        consumer = self._consumer
+        if consumer is not None:
+            with contextlib.suppress(KafkaError):
+                await self._commit(consumer, force=True, logs=None)
+        await self.spool.release(tps)
+
+    async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        log.info("partitions assigned", extra={"partitions": [tuple(tp) for tp in assigned]})
+        if not assigned:
+            return
+        starts = await consumer.beginning_offsets(assigned)
+        for tp in assigned:
+            plog = await self.spool.open_partition(tp.topic, tp.partition)
+            resume = plog.store_end
+            log_start = starts[tp]
+            if resume is None:
+                resume = log_start
+            elif resume < log_start:
+                log.error(
+                    "Kafka deleted offsets before they were backed up",
+                    extra={
+                        "topic": tp.topic,
+                        "partition": tp.partition,
+                        "stored_end": resume,
+                        "kafka_log_start": log_start,
+                    },
+                )
+                resume = log_start
+            plog.start_at(resume)
+            consumer.seek(tp, resume)
+            self._committed.pop(tp, None)
+        self.ready = True
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until :meth:`request_stop`; raises on unrecoverable errors."""
+        consumer = self._consumer
+        if consumer is None:
+            raise RuntimeError("Ingestor.start() was not called")
+        spool = self.spool
+        max_records = self.config.kafka.max_poll_records
+        commit_every = self.config.ingest.commit_interval_ms / 1000
+        watermark_every = self.config.ingest.watermark_interval_ms / 2000
+        max_pending = self.config.ingest.max_pending_bytes
+        last_wm = 0.0
+        while not self._stop.is_set():
+            spool.check()
+            try:
+                batches = await consumer.getmany(timeout_ms=50, max_records=max_records)
+            except RecordTooLargeError as exc:
+                log.error("record larger than the fetch size skipped by the client: %s", exc)
+                continue
+            except KafkaError as exc:
+                log.warning("fetch failed, retrying: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for tp, msgs in batches.items():
+                self._process(tp, msgs)
+            now = time.monotonic()
+            if now - last_wm >= watermark_every:
+                last_wm = now
+                await self._observe_caught_up(consumer)
+            if spool.pending_bytes >= max_pending:
+                await spool.flush()
+            if now - self._last_commit >= commit_every:
+                await self._commit(consumer, force=False, logs=None)
+            if self.on_progress is not None:
+                self.on_progress(self)
+
+    def _process(self, tp: TopicPartition, msgs: list[Any]) -> None:
+        plog = self.spool.logs.get(tp)
+        if plog is None or plog.builder is None:
+            return  # revoked while the fetch was in flight
+        builder = plog.builder
+        append = builder.append
+        check = self.validator.check
+        entity = self._topic_entity.get(tp.topic)
+        position = builder.position
+        good = 0
+        for m in msgs:
+            off = m.offset
+            if off < position:
+                continue  # already covered (a re-fetch after seek); never store twice
+            value = m.value
+            reason = check(entity, value)
+            if reason is None:
+                append(off, m.timestamp, m.timestamp_type, m.key, value, m.headers)
+                good += 1
+            else:
+                builder.skip_to(off + 1)
+                self._quarantine(tp, m, reason)
+            position = off + 1
+        if good:
+            self.stats.ingested += good
+            self.metrics.events_ingested.labels(tp.topic).inc(good)
+
+    def _quarantine(self, tp: TopicPartition, m: Any, reason: str) -> None:
+        self.spool.quarantine_for(tp.topic).add(
+            partition=tp.partition,
+            offset=m.offset,
+            timestamp=m.timestamp,
+            reason=reason,
+            key=m.key,
+            value=m.value,
+            headers=list(m.headers),
+        )
+        self.stats.quarantined += 1
+        kind = reason.split(":", 1)[0].split(" (", 1)[0][:40]
+        self.metrics.events_quarantined.labels(tp.topic, kind).inc()
+        log.info(
+            "event quarantined",
+            extra={
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "offset": m.offset,
+                "reason": reason,
+            },
+        )
+
+    async def _observe_caught_up(self, consumer: AIOKafkaConsumer) -> None:
+        """Mark partitions whose position reached the last stable offset as caught up now."""
+        now_ms = int(time.time() * 1000)
+        for tp, plog in list(self.spool.logs.items()):
+            builder = plog.builder
+            if builder is None:
+                continue
+            tpk = TopicPartition(*tp)
+            end = consumer.last_stable_offset(tpk)
+            if end is None:
+                end = consumer.highwater(tpk)
+            if end is None:
+                continue
+            try:
+                pos = await consumer.position(tpk)
+            except (KafkaError, AssertionError, ValueError):
+                continue  # unassigned meanwhile
+            if plog.builder is not builder:
+                continue
+            self.metrics.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, end - plog.durable))
+            if pos >= end and pos >= builder.position:
+                builder.skip_to(pos)  # covers transaction markers at the tail
+                plog.caught_up_ms = now_ms
+
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, *, force: bool, logs: list[TopicPartition] | None
+    ) -> None:
+        """Commit durable offsets (never beyond fsync'd records) to the consumer group."""
+        self._last_commit = time.monotonic()
+        offsets: dict[TopicPartition, int] = {}
+        for tp, plog in self.spool.logs.items():
+            if plog.durable < 0:
+                continue
+            tpk = TopicPartition(*tp)
+            if self._committed.get(tpk) != plog.durable:
+                offsets[tpk] = plog.durable
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+            self._committed.update(offsets)
+        except KafkaError as exc:
+            # Not the source of truth for resuming: a failed commit only delays lag metrics.
+            log.warning("offset commit failed: %s", exc)
+            if force:
+                raise
+
+    # -- status for progress displays -------------------------------------------------------
+
+    def partition_status(self) -> list[dict[str, Any]]:
+        out = []
+        for (topic, partition), plog in sorted(self.spool.logs.items()):
+            out.append(
+                {
+                    "topic": topic,
+                    "partition": partition,
+                    "durable": plog.durable,
+                    "position": plog.builder.position if plog.builder else None,
+                    "sealed": plog.sealed_segments,
+                    "watermark_ms": plog.durable_watermark_ms,
+                }
+            )
+        return out

@@ -1,0 +1,376 @@
+"""Byte-level segment format, version 1 (specified in docs/FORMAT.md).
+
+Layout of a segment file::
+
+    file header | block | block | ... | [footer | trailer]      (footer+trailer once sealed)
+
+All integers are little-endian. Checksums are CRC-32 (zlib polynomial).
+
+Invariants:
+- A block is self-describing: its header carries the covered offset range ``[start, end)``,
+  the record count, min/max Kafka timestamp and a CRC over header fields and payload, so a
+  reader can validate any block without the footer and an index can always be rebuilt.
+- Blocks of a segment cover contiguous ranges: ``block[i+1].start == block[i].end``.
+  Offsets *inside* a range that hold no record are gaps Kafka made (transaction markers,
+  compaction) or events diverted to quarantine -- never data loss.
+- Records keep Kafka's bytes exactly: key, value and header values are stored as received.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import lz4.block
+import orjson
+
+from replicator.errors import CorruptSegmentError, UnsupportedVersionError
+
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+
+FILE_MAGIC = b"RPLSEG\r\n"
+BLOCK_MAGIC = b"RPB1"
+FOOTER_MAGIC = b"RPFT"
+TRAILER_MAGIC = b"RPLSEGND"
+
+CODEC_NONE = 0
+CODEC_LZ4 = 1
+FLAG_WATERMARK = 0x01
+
+#: magic, major, minor, meta_len, crc(major..meta)
+FILE_HEADER = struct.Struct("<8sHHII")
+#: magic, crc, payload_len, raw_len, count, codec, flags, reserved, start, end, min_ts,
+#: max_ts, watermark_ms
+BLOCK_HEADER = struct.Struct("<4sIIIIBBHqqqqq")
+BLOCK_CRC_FROM = 8  # the CRC covers header bytes [8, 64) followed by the payload
+#: offset, timestamp_ms, timestamp_type, key_len, value_len, header_count
+RECORD_HEADER = struct.Struct("<qqbiiH")
+HEADER_NAME = struct.Struct("<H")
+HEADER_VALUE = struct.Struct("<i")
+#: magic, entry_count, start, end, min_ts, max_ts, records, watermark_ms, raw_bytes
+FOOTER_HEAD = struct.Struct("<4sIqqqqQqQ")
+#: block position, start, end, min_ts, max_ts, records, raw_len
+INDEX_ENTRY = struct.Struct("<QqqqqII")
+#: footer_pos, footer_len, footer_crc, magic
+TRAILER = struct.Struct("<QII8s")
+
+MAX_BLOCK_RAW = 64 * 1024 * 1024  # sanity bound used to tell garbage from a header
+NO_TS = -1
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    """The file header: which partition the segment belongs to and where it starts."""
+
+    topic: str
+    partition: int
+    base_offset: int
+    created_ms: int
+    major: int = FORMAT_MAJOR
+    minor: int = FORMAT_MINOR
+
+    def encode(self) -> bytes:
+        meta = orjson.dumps(
+            {
+                "topic": self.topic,
+                "partition": self.partition,
+                "base_offset": self.base_offset,
+                "created_ms": self.created_ms,
+                "codec": "lz4",
+            },
+            option=orjson.OPT_SORT_KEYS,
+        )
+        versions = struct.pack("<HHI", self.major, self.minor, len(meta))
+        crc = zlib.crc32(meta, zlib.crc32(versions))
+        return FILE_HEADER.pack(FILE_MAGIC, self.major, self.minor, len(meta), crc) + meta
+
+    @staticmethod
+    def decode(buf: bytes, path: str) -> tuple[SegmentHeader, int]:
+        """Decode the header at the start of ``buf``; return it and its encoded length."""
+        if len(buf) < FILE_HEADER.size:
+            raise CorruptSegmentError(path, 0, "file shorter than its header")
+        magic, major, minor, meta_len, crc = FILE_HEADER.unpack_from(buf, 0)
+        if magic != FILE_MAGIC:
+            raise CorruptSegmentError(path, 0, "not a replicator segment (bad magic)")
+        if major != FORMAT_MAJOR:
+            raise UnsupportedVersionError(path, major, minor, FORMAT_MAJOR)
+        end = FILE_HEADER.size + meta_len
+        if len(buf) < end:
+            raise CorruptSegmentError(path, 0, "truncated file header")
+        meta_bytes = bytes(buf[FILE_HEADER.size : end])
+        if zlib.crc32(meta_bytes, zlib.crc32(struct.pack("<HHI", major, minor, meta_len))) != crc:
+            raise CorruptSegmentError(path, 0, "file header checksum mismatch")
+        meta = orjson.loads(meta_bytes)
+        header = SegmentHeader(
+            topic=str(meta["topic"]),
+            partition=int(meta["partition"]),
+            base_offset=int(meta["base_offset"]),
+            created_ms=int(meta["created_ms"]),
+            major=major,
+            minor=minor,
+        )
+        return header, end
+
+
+@dataclass(frozen=True, slots=True)
+class BlockMeta:
+    """What a block header (or a footer index entry) says about one block."""
+
+    position: int
+    payload_len: int
+    raw_len: int
+    records: int
+    start: int
+    end: int
+    min_ts: int
+    max_ts: int
+    watermark_ms: int
+    flags: int = 0
+    codec: int = CODEC_LZ4
+
+    @property
+    def size(self) -> int:
+        """Bytes the block occupies in the file, header included."""
+        return BLOCK_HEADER.size + self.payload_len
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One Kafka record exactly as received (bytes untouched)."""
+
+    offset: int
+    timestamp: int
+    timestamp_type: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSummary:
+    """Aggregate facts of a segment (from its footer, or computed by a scan)."""
+
+    start: int
+    end: int
+    min_ts: int
+    max_ts: int
+    records: int
+    watermark_ms: int
+    raw_bytes: int
+    blocks: int
+
+
+def encode_record(
+    offset: int,
+    timestamp: int,
+    timestamp_type: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes | None]],
+) -> bytes:
+    """Frame one record (see FORMAT.md §Record). Hot path: keep it one join."""
+    klen = -1 if key is None else len(key)
+    vlen = -1 if value is None else len(value)
+    head = RECORD_HEADER.pack(offset, timestamp, timestamp_type, klen, vlen, len(headers))
+    if not headers:
+        return b"".join((head, key or b"", value or b""))
+    parts = [head, key or b"", value or b""]
+    for name, hval in headers:
+        nb = name.encode()
+        parts.append(HEADER_NAME.pack(len(nb)))
+        parts.append(nb)
+        if hval is None:
+            parts.append(HEADER_VALUE.pack(-1))
+        else:
+            parts.append(HEADER_VALUE.pack(len(hval)))
+            parts.append(hval)
+    return b"".join(parts)
+
+
+def iter_records(raw: bytes) -> Iterator[Record]:
+    """Decode the records of an uncompressed block payload, in order."""
+    pos = 0
+    n = len(raw)
+    unpack = RECORD_HEADER.unpack_from
+    rsize = RECORD_HEADER.size
+    while pos < n:
+        offset, ts, ts_type, klen, vlen, hcount = unpack(raw, pos)
+        pos += rsize
+        key: bytes | None = None
+        if klen >= 0:
+            key = raw[pos : pos + klen]
+            pos += klen
+        value: bytes | None = None
+        if vlen >= 0:
+            value = raw[pos : pos + vlen]
+            pos += vlen
+        headers: list[tuple[str, bytes | None]] = []
+        for _ in range(hcount):
+            (nlen,) = HEADER_NAME.unpack_from(raw, pos)
+            pos += HEADER_NAME.size
+            name = raw[pos : pos + nlen].decode()
+            pos += nlen
+            (hlen,) = HEADER_VALUE.unpack_from(raw, pos)
+            pos += HEADER_VALUE.size
+            hval: bytes | None = None
+            if hlen >= 0:
+                hval = raw[pos : pos + hlen]
+                pos += hlen
+            headers.append((name, hval))
+        yield Record(offset, ts, ts_type, key, value, tuple(headers))
+
+
+def encode_block(
+    raw: bytes,
+    *,
+    records: int,
+    start: int,
+    end: int,
+    min_ts: int,
+    max_ts: int,
+    watermark_ms: int = 0,
+    flags: int = 0,
+    compress: bool = True,
+) -> bytes:
+    """Build a whole block (header + payload). CPU-bound; safe to call off the event loop."""
+    if compress and raw:
+        payload = lz4.block.compress(raw, store_size=False)
+        codec = CODEC_LZ4
+    else:
+        payload = raw
+        codec = CODEC_NONE
+    fields = BLOCK_HEADER.pack(
+        BLOCK_MAGIC,
+        0,
+        len(payload),
+        len(raw),
+        records,
+        codec,
+        flags,
+        0,
+        start,
+        end,
+        min_ts,
+        max_ts,
+        watermark_ms,
+    )
+    crc = zlib.crc32(payload, zlib.crc32(memoryview(fields)[BLOCK_CRC_FROM:]))
+    out: bytes = BLOCK_MAGIC + struct.pack("<I", crc) + fields[BLOCK_CRC_FROM:] + payload
+    return out
+
+
+class BlockHeaderError(Exception):
+    """Internal: the bytes at a position are not a plausible block header."""
+
+
+def decode_block_header(buf: bytes | memoryview, position: int) -> tuple[BlockMeta, int]:
+    """Parse a block header from ``buf`` (which starts at file ``position``).
+
+    Returns the metadata and the stored CRC. Raises :class:`BlockHeaderError` if the bytes
+    are not a plausible header (the caller decides: torn tail or corruption).
+    """
+    if len(buf) < BLOCK_HEADER.size:
+        raise BlockHeaderError("short block header")
+    (
+        magic,
+        crc,
+        payload_len,
+        raw_len,
+        count,
+        codec,
+        flags,
+        _r,
+        start,
+        end,
+        min_ts,
+        max_ts,
+        watermark,
+    ) = BLOCK_HEADER.unpack_from(buf, 0)
+    if magic != BLOCK_MAGIC:
+        raise BlockHeaderError("bad block magic")
+    if codec not in (CODEC_NONE, CODEC_LZ4) or raw_len > MAX_BLOCK_RAW or end < start:
+        raise BlockHeaderError("implausible block header")
+    meta = BlockMeta(
+        position, payload_len, raw_len, count, start, end, min_ts, max_ts, watermark, flags, codec
+    )
+    return meta, crc
+
+
+def block_crc(header: bytes | memoryview, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(memoryview(header)[BLOCK_CRC_FROM : BLOCK_HEADER.size]))
+
+
+def decompress_payload(meta: BlockMeta, payload: bytes | memoryview, path: str) -> bytes:
+    """Uncompressed payload of a block whose CRC was already checked."""
+    if meta.codec == CODEC_NONE:
+        return bytes(payload)
+    try:
+        raw: bytes = lz4.block.decompress(payload, uncompressed_size=meta.raw_len)
+    except Exception as exc:  # lz4 raises LZ4BlockError; checksum passed, so it is a bug
+        raise CorruptSegmentError(path, meta.position, f"lz4: {exc}", meta.start) from exc
+    return raw
+
+
+def encode_footer(blocks: Sequence[BlockMeta], summary: SegmentSummary, footer_pos: int) -> bytes:
+    """Footer index + trailer appended when a segment is sealed."""
+    head = FOOTER_HEAD.pack(
+        FOOTER_MAGIC,
+        len(blocks),
+        summary.start,
+        summary.end,
+        summary.min_ts,
+        summary.max_ts,
+        summary.records,
+        summary.watermark_ms,
+        summary.raw_bytes,
+    )
+    entries = b"".join(
+        INDEX_ENTRY.pack(b.position, b.start, b.end, b.min_ts, b.max_ts, b.records, b.raw_len)
+        for b in blocks
+    )
+    footer = head + entries
+    trailer = TRAILER.pack(footer_pos, len(footer), zlib.crc32(footer), TRAILER_MAGIC)
+    return footer + trailer
+
+
+def decode_trailer(buf: bytes) -> tuple[int, int, int] | None:
+    """``(footer_pos, footer_len, footer_crc)`` if ``buf`` ends with a trailer, else None."""
+    if len(buf) < TRAILER.size:
+        return None
+    footer_pos, footer_len, crc, magic = TRAILER.unpack_from(buf, len(buf) - TRAILER.size)
+    if magic != TRAILER_MAGIC:
+        return None
+    return footer_pos, footer_len, crc
+
+
+def decode_footer(footer: bytes, path: str, footer_pos: int) -> tuple[SegmentSummary, list[int]]:
+    """Summary and block positions from a footer whose CRC was checked."""
+    (magic, count, start, end, min_ts, max_ts, records, watermark, raw_bytes) = (
+        FOOTER_HEAD.unpack_from(footer, 0)
+    )
+    if magic != FOOTER_MAGIC or len(footer) != FOOTER_HEAD.size + count * INDEX_ENTRY.size:
+        raise CorruptSegmentError(path, footer_pos, "malformed footer")
+    positions = [
+        INDEX_ENTRY.unpack_from(footer, FOOTER_HEAD.size + i * INDEX_ENTRY.size)[0]
+        for i in range(count)
+    ]
+    summary = SegmentSummary(start, end, min_ts, max_ts, records, watermark, raw_bytes, count)
+    return summary, positions
+
+
+def summarize(blocks: Sequence[BlockMeta], base_offset: int) -> SegmentSummary:
+    """Aggregate block metadata into a summary (coverage starts at ``base_offset``)."""
+    with_records = [b for b in blocks if b.records]
+    return SegmentSummary(
+        start=blocks[0].start if blocks else base_offset,
+        end=blocks[-1].end if blocks else base_offset,
+        min_ts=min((b.min_ts for b in with_records), default=NO_TS),
+        max_ts=max((b.max_ts for b in with_records), default=NO_TS),
+        records=sum(b.records for b in blocks),
+        watermark_ms=max((b.watermark_ms for b in blocks), default=0),
+        raw_bytes=sum(b.raw_len for b in blocks),
+        blocks=len(blocks),
+    )

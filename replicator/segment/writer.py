@@ -1,0 +1,238 @@
+"""Writing segments: an in-memory block builder (event loop) and the active file (threads).
+
+Division of labour:
+- :class:`BlockBuilder` accumulates framed records on the event loop. It does no I/O and
+  no compression; ``take()`` hands a :class:`PendingBlock` to the flusher.
+- :class:`ActiveSegment` owns one spool file. Its blocking methods (compress + write,
+  fsync, seal) run in a worker thread, one call at a time per file.
+
+Invariants:
+- The file header is fsync'd (with its directory) when the file is created.
+- A block's bytes are written whole with one ``write``; the caller fsyncs before it treats
+  the block's records as durable. A crash mid-write leaves a torn tail that
+  :func:`replicator.segment.reader.recover_active` cuts.
+- Blocks cover contiguous offset ranges; ``PendingBlock.start`` is always the previous
+  block's ``end`` (or the segment's base offset).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from replicator.segment import format as fmt
+from replicator.segment.format import BlockMeta, SegmentHeader, SegmentSummary
+from replicator.segment.reader import RecoveryResult
+from replicator.storage.local import fsync_dir, makedirs_durable
+
+
+@dataclass(frozen=True, slots=True)
+class PendingBlock:
+    """A block's uncompressed payload and metadata, ready to be encoded and written."""
+
+    raw: bytes
+    records: int
+    start: int
+    end: int
+    min_ts: int
+    max_ts: int
+    watermark_ms: int = 0
+    flags: int = 0
+
+
+class BlockBuilder:
+    """Accumulates records of one partition until the flusher takes them as a block.
+
+    ``position`` is the coverage end: the offset after the last record appended or skipped.
+    """
+
+    __slots__ = ("_count", "_max_ts", "_min_ts", "_parts", "_size", "_start", "position")
+
+    def __init__(self, start: int) -> None:
+        self._start = start
+        self.position = start
+        self._parts: list[bytes] = []
+        self._count = 0
+        self._size = 0
+        self._min_ts = fmt.NO_TS
+        self._max_ts = fmt.NO_TS
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._size
+
+    @property
+    def pending_records(self) -> int:
+        return self._count
+
+    @property
+    def has_pending(self) -> bool:
+        """True if records were appended or coverage advanced since the last ``take``."""
+        return self.position != self._start
+
+    def append(
+        self,
+        offset: int,
+        timestamp: int,
+        timestamp_type: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]],
+    ) -> None:
+        """Add one record; offsets must increase. Hot path."""
+        rec = fmt.encode_record(offset, timestamp, timestamp_type, key, value, headers)
+        self._parts.append(rec)
+        self._size += len(rec)
+        self._count += 1
+        if self._min_ts == fmt.NO_TS or timestamp < self._min_ts:
+            self._min_ts = timestamp
+        if timestamp > self._max_ts:
+            self._max_ts = timestamp
+        self.position = offset + 1
+
+    def skip_to(self, position: int) -> None:
+        """Cover offsets up to ``position`` that hold no record (quarantined, Kafka gaps)."""
+        if position > self.position:
+            self.position = position
+
+    def take(self, watermark_ms: int = 0) -> PendingBlock | None:
+        """Hand over what accumulated as one block; ``None`` if nothing did.
+
+        With ``watermark_ms`` and nothing accumulated, returns an empty watermark block.
+        """
+        if not self.has_pending and not watermark_ms:
+            return None
+        block = PendingBlock(
+            raw=b"".join(self._parts),
+            records=self._count,
+            start=self._start,
+            end=self.position,
+            min_ts=self._min_ts,
+            max_ts=self._max_ts,
+            watermark_ms=watermark_ms,
+            flags=fmt.FLAG_WATERMARK if watermark_ms and not self._count else 0,
+        )
+        self._start = self.position
+        self._parts = []
+        self._count = 0
+        self._size = 0
+        self._min_ts = fmt.NO_TS
+        self._max_ts = fmt.NO_TS
+        return block
+
+
+class ActiveSegment:
+    """One appendable spool file. Blocking; never call two methods concurrently."""
+
+    def __init__(
+        self, path: Path, header: SegmentHeader, blocks: list[BlockMeta], size: int, fd: int
+    ) -> None:
+        self.path = path
+        self.header = header
+        self.blocks = blocks
+        self.size = size
+        self._fd = fd
+        self.opened_monotonic = time.monotonic()
+        self._dirty = False
+
+    @classmethod
+    def create(cls, path: Path, *, topic: str, partition: int, base_offset: int) -> ActiveSegment:
+        makedirs_durable(path.parent)
+        header = SegmentHeader(
+            topic=topic,
+            partition=partition,
+            base_offset=base_offset,
+            created_ms=int(time.time() * 1000),
+        )
+        data = header.encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        fsync_dir(path.parent)
+        return cls(path, header, [], len(data), fd)
+
+    @classmethod
+    def reopen(cls, recovery: RecoveryResult) -> ActiveSegment:
+        """Continue appending after :func:`recover_active` validated (and cut) the file."""
+        assert recovery.header is not None
+        fd = os.open(recovery.path, os.O_WRONLY)
+        os.lseek(fd, recovery.valid_end, os.SEEK_SET)
+        return cls(recovery.path, recovery.header, list(recovery.blocks), recovery.valid_end, fd)
+
+    @property
+    def base_offset(self) -> int:
+        return self.header.base_offset
+
+    @property
+    def end(self) -> int:
+        return self.blocks[-1].end if self.blocks else self.header.base_offset
+
+    @property
+    def records(self) -> int:
+        return sum(b.records for b in self.blocks)
+
+    def write(self, block: PendingBlock) -> BlockMeta:
+        """Encode (lz4 + CRC) and append one block; not yet durable. CPU + I/O: thread."""
+        if block.start != self.end:
+            raise ValueError(
+                f"{self.path}: block starts at {block.start}, segment ends at {self.end}"
+            )
+        data = fmt.encode_block(
+            block.raw,
+            records=block.records,
+            start=block.start,
+            end=block.end,
+            min_ts=block.min_ts,
+            max_ts=block.max_ts,
+            watermark_ms=block.watermark_ms,
+            flags=block.flags,
+        )
+        written = 0
+        view = memoryview(data)
+        while written < len(data):
+            written += os.write(self._fd, view[written:])
+        meta = BlockMeta(
+            position=self.size,
+            payload_len=len(data) - fmt.BLOCK_HEADER.size,
+            raw_len=len(block.raw),
+            records=block.records,
+            start=block.start,
+            end=block.end,
+            min_ts=block.min_ts,
+            max_ts=block.max_ts,
+            watermark_ms=block.watermark_ms,
+            flags=block.flags,
+            codec=data[20],
+        )
+        self.blocks.append(meta)
+        self.size += len(data)
+        self._dirty = True
+        return meta
+
+    def sync(self) -> None:
+        """fsync the file if anything was written since the last sync."""
+        if self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+
+    def seal(self) -> SegmentSummary:
+        """Append footer + trailer, fsync and close. The file is then immutable."""
+        summary = fmt.summarize(self.blocks, self.header.base_offset)
+        data = fmt.encode_footer(self.blocks, summary, self.size)
+        os.write(self._fd, data)
+        os.fsync(self._fd)
+        self.size += len(data)
+        self.close()
+        return summary
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

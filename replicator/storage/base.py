@@ -1,0 +1,75 @@
+"""The store interface: the one plug point every backend (local, S3, ...) implements.
+
+Invariants every implementation keeps (the conformance tests check them):
+- ``put_file``/``put_bytes`` are atomic: a reader sees the whole object or nothing.
+- With ``create_only=True`` (the default) an existing object is never overwritten; the
+  call raises :class:`ObjectExistsError` instead.
+- A completed put is durable (fsync'd / acknowledged) before the call returns.
+- ``list`` returns names in lexical order, which :mod:`replicator.naming` makes numeric.
+- Names are store-relative, validated by :func:`naming.check_relative_name`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import urlparse
+
+from replicator.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One listed object: its store-relative name and size in bytes."""
+
+    name: str
+    size: int
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A destination for sealed segments: put, get, list, delete."""
+
+    @property
+    def url(self) -> str:
+        """Where the store points, without credentials (safe to print)."""
+        ...
+
+    async def put_file(self, name: str, source: Path, *, create_only: bool = True) -> None:
+        """Store the contents of the local file ``source`` under ``name``."""
+        ...
+
+    async def put_bytes(self, name: str, data: bytes, *, create_only: bool = True) -> None:
+        """Store ``data`` under ``name``."""
+        ...
+
+    async def get_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        """Read ``length`` bytes (all if None) of ``name`` from ``start``."""
+        ...
+
+    async def fetch_to(self, name: str, dest: Path) -> Path:
+        """Make ``name`` available as a local file; return its path (may be ``dest``)."""
+        ...
+
+    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Objects whose name starts with ``prefix``, sorted by name."""
+        ...
+
+    async def delete(self, name: str) -> None:
+        """Remove ``name``; removing a missing object is not an error."""
+        ...
+
+
+def open_store(url: str) -> Store:
+    """Build a store from a URL: ``file:///path`` or a plain path (local directory)."""
+    from replicator.storage.local import LocalStore
+
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else url
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            # file://relative/dir: treat netloc as the first path component
+            path = parsed.netloc + parsed.path
+        return LocalStore(root=Path(path))
+    raise ConfigError("store.url", f"unsupported store scheme {parsed.scheme!r} (use file://)")
