@@ -125,6 +125,7 @@ class Ingestor:
         }
         self._last_commit = 0.0
         self._committed: dict[TopicPartition, int] = {}
+        self._wm_candidates: dict[tuple[str, int], tuple[int, int]] = {}
         self.ready = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -237,6 +238,7 @@ class Ingestor:
             plog.start_at(resume)
             consumer.seek(tp, resume)
             self._committed.pop(tp, None)
+            self._wm_candidates.pop((tp.topic, tp.partition), None)
         self.ready = True
 
     # -- the loop --------------------------------------------------------------------------
@@ -327,28 +329,52 @@ class Ingestor:
         )
 
     async def _observe_caught_up(self, consumer: AIOKafkaConsumer) -> None:
-        """Mark partitions whose position reached the last stable offset as caught up now."""
-        now_ms = int(time.time() * 1000)
-        for tp, plog in list(self.spool.logs.items()):
+        """Advance watermarks: a partition is complete up to time T once it consumed Kafka's
+        end offset (the last stable offset, with read_committed) as it was at T.
+
+        A candidate ``(T, end)`` is taken with a fresh ListOffsets request; it is satisfied
+        once the consumer's position reaches ``end``, and only then is the next one taken, so
+        a busy partition's watermark trails by its consumer lag, never runs ahead of it.
+        Records whose producer timestamp is older than their append time by more than the
+        distance between two candidates can land behind a watermark (CreateTime semantics).
+        """
+        logs = self.spool.logs
+        candidates = self._wm_candidates
+        for tp, (t_ms, end) in list(candidates.items()):
+            plog = logs.get(tp)
+            if plog is None or plog.builder is None:
+                del candidates[tp]
+                continue
             builder = plog.builder
-            if builder is None:
+            if builder.position < end:
+                tpk = TopicPartition(*tp)
+                try:
+                    pos = await consumer.position(tpk)
+                except (KafkaError, AssertionError, ValueError):
+                    continue
+                if pos < end or plog.builder is not builder:
+                    continue
+                builder.skip_to(end)  # transaction markers / aborted records at the tail
+            plog.caught_up_ms = max(plog.caught_up_ms, t_ms)
+            del candidates[tp]
+        wanted = [TopicPartition(*tp) for tp in logs if tp not in candidates]
+        if not wanted:
+            return
+        t_ms = int(time.time() * 1000)
+        try:
+            ends = await consumer.end_offsets(wanted)
+        except (KafkaError, AssertionError, ValueError) as exc:
+            log.debug("end offsets unavailable: %s", exc)
+            return
+        for tpk, end in ends.items():
+            tp = (tpk.topic, tpk.partition)
+            plog = logs.get(tp)
+            if plog is None:
                 continue
-            tpk = TopicPartition(*tp)
-            end = consumer.last_stable_offset(tpk)
-            if end is None:
-                end = consumer.highwater(tpk)
-            if end is None:
-                continue
-            try:
-                pos = await consumer.position(tpk)
-            except (KafkaError, AssertionError, ValueError):
-                continue  # unassigned meanwhile
-            if plog.builder is not builder:
-                continue
-            self.metrics.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, end - plog.durable))
-            if pos >= end and pos >= builder.position:
-                builder.skip_to(pos)  # covers transaction markers at the tail
-                plog.caught_up_ms = now_ms
+            candidates[tp] = (t_ms, end)
+            self.metrics.consumer_lag.labels(tpk.topic, str(tpk.partition)).set(
+                max(0, end - plog.durable)
+            )
 
     async def _commit(
         self, consumer: AIOKafkaConsumer, *, force: bool, logs: list[TopicPartition] | None
