@@ -15,6 +15,7 @@ that can also be restarted on the same port and data directory, which is what a
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -57,7 +58,9 @@ def _kafka_sh(*args: str, timeout: float) -> str:
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
-        raise KafkaServiceError(f"kafka.sh {' '.join(args)} timed out after {timeout:.0f}s") from exc
+        raise KafkaServiceError(
+            f"kafka.sh {' '.join(args)} timed out after {timeout:.0f}s"
+        ) from exc
     if proc.returncode != 0:
         raise KafkaServiceError(
             f"kafka.sh {' '.join(args)} exited {proc.returncode}:\n{proc.stderr.strip()}"
@@ -114,7 +117,9 @@ class LocalBroker:
 
     def start(self) -> None:
         """Start the stopped broker again: same ports, same data, no re-format."""
-        bootstrap = _kafka_sh("start-existing", "--dir", str(self.workdir), timeout=_START_TIMEOUT_S)
+        bootstrap = _kafka_sh(
+            "start-existing", "--dir", str(self.workdir), timeout=_START_TIMEOUT_S
+        )
         if bootstrap != self.bootstrap:
             raise KafkaServiceError(f"broker came back on {bootstrap}, expected {self.bootstrap}")
 
@@ -148,10 +153,8 @@ def start_local_broker(workdir: Path, port: int | None = None) -> LocalBroker:
 
 
 def _stop_quietly(broker: LocalBroker) -> None:
-    try:
+    with contextlib.suppress(Exception):
         broker.stop()
-    except Exception:
-        pass
 
 
 def docker_available(timeout: float = 3.0) -> bool:

@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT))
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
-from kafka_service import LocalBroker, fetch_jars, start_local_broker  # noqa: E402
+
+from tests.kafka_service import LocalBroker, fetch_jars, start_local_broker  # noqa: E402
 
 TOPIC = "smoke-events"
 GROUP = "smoke-group"
@@ -73,15 +74,11 @@ async def create_topic(bootstrap: str) -> None:
 
 
 async def produce_idempotent(bootstrap: str, prefix: str, n: int) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, enable_idempotence=True, acks="all"
-    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
     await producer.start()
     try:
         for i in range(n):
-            md = await producer.send_and_wait(
-                TOPIC, f"{prefix}-{i}".encode(), key=f"k{i}".encode()
-            )
+            md = await producer.send_and_wait(TOPIC, f"{prefix}-{i}".encode(), key=f"k{i}".encode())
             assert md.offset >= 0
     finally:
         await producer.stop()
@@ -179,7 +176,9 @@ async def run_checks(broker: LocalBroker) -> None:
         bootstrap, group=GROUP, isolation="read_committed", expect=len(expected), commit=True
     )
     check(len(seen) == len(set(seen)), "read_committed: no duplicates")
-    check(set(seen) == expected, f"read_committed group consumer saw exactly {len(expected)} records")
+    check(
+        set(seen) == expected, f"read_committed group consumer saw exactly {len(expected)} records"
+    )
     check(not any(s.startswith("aborted-") for s in seen), "read_committed: no aborted records")
 
     raw = await consume_all(
@@ -215,7 +214,8 @@ async def run_checks(broker: LocalBroker) -> None:
         bootstrap, group=GROUP, isolation="read_committed", expect=5 + N_TXN, commit=True
     )
     check(
-        set(fresh) == {f"post-{i}" for i in range(5)} | {f"committed-two-{i}" for i in range(N_TXN)},
+        set(fresh)
+        == {f"post-{i}" for i in range(5)} | {f"committed-two-{i}" for i in range(N_TXN)},
         "after restart: produce + transactions + group consume work",
     )
 

@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import mmap
 import os
@@ -230,11 +231,27 @@ class SegmentReader:
                 raise CorruptSegmentError(self.name, footer_pos, "footer checksum mismatch")
             summary, positions = fmt.decode_footer(footer, self.name, footer_pos)
             blocks: list[BlockMeta] = []
-            for pos in positions:
+            for i, pos in enumerate(positions):
+                # the footer index says what the block covers: name that offset, not a
+                # value read from a damaged header
+                _, start, end, min_ts, max_ts, records, raw_len = fmt.INDEX_ENTRY.unpack_from(
+                    footer, fmt.FOOTER_HEAD.size + i * fmt.INDEX_ENTRY.size
+                )
                 try:
                     meta, _ = fmt.decode_block_header(mm[pos : pos + fmt.BLOCK_HEADER.size], pos)
                 except fmt.BlockHeaderError as exc:
-                    raise CorruptSegmentError(self.name, pos, str(exc)) from exc
+                    raise CorruptSegmentError(self.name, pos, str(exc), start) from exc
+                if (meta.start, meta.end, meta.min_ts, meta.max_ts, meta.records, meta.raw_len) != (
+                    start,
+                    end,
+                    min_ts,
+                    max_ts,
+                    records,
+                    raw_len,
+                ):
+                    raise CorruptSegmentError(
+                        self.name, pos, "block header disagrees with the footer index", start
+                    )
                 blocks.append(meta)
             self.blocks = blocks
             self.summary = summary
@@ -319,6 +336,25 @@ class SegmentReader:
                 )
             expected = meta.end
         return self.summary
+
+    def block_index_for_offset(self, offset: int) -> int | None:
+        """Index of the block whose range ``[start, end)`` contains ``offset`` (binary search)."""
+        blocks = self.blocks
+        i = bisect.bisect_right([b.start for b in blocks], offset) - 1
+        if i >= 0 and blocks[i].start <= offset < blocks[i].end:
+            return i
+        return None
+
+    def offset_at_time(self, ts_ms: int) -> int | None:
+        """First offset of the first block holding a record with timestamp ``>= ts_ms``.
+
+        Uses the block index only (min/max timestamps); records inside that block may still
+        be older than ``ts_ms`` — callers filter records, the index only tells where to start.
+        """
+        for b in self.blocks:
+            if b.records and b.max_ts >= ts_ms:
+                return b.start
+        return None
 
     def iter_block_payloads(
         self, *, from_offset: int | None = None, to_offset: int | None = None
