@@ -286,9 +286,11 @@ class DemoGenerator:
     """Infinite iterator of realistic :class:`ChangeEvent` values (see the module docstring).
 
     ``seed`` fixes the stream. ``start`` is the simulated clock's start and
-    ``mean_interval_s`` the mean simulated time between changes. With ``clock`` (e.g.
-    ``lambda: datetime.now(UTC)``) timestamps come from that clock instead, for live
-    publishing; the stream is then deterministic except for its timestamps.
+    ``mean_interval_s`` the mean simulated time between changes. ``participants`` is the size
+    of the pool of people who may register (25 register before the first check-in; the rest
+    join over time). With ``clock`` (e.g. ``lambda: datetime.now(UTC)``) timestamps come from
+    that clock instead, for live publishing; the stream is then deterministic except for its
+    timestamps.
     """
 
     def __init__(
@@ -323,7 +325,13 @@ class DemoGenerator:
         )  # fmt: skip
         self._config = _config_specs(self._events)
         self._config_live: list[bool] = [False] * len(self._config)
-        self._identities = [self._identity(n) for n in range(participants)]
+        self._identities: list[dict[str, Any]] = []
+        taken: set[str] = set()
+        while len(self._identities) < participants:
+            identity = self._identity()
+            if identity["participant_id"] not in taken:  # 48-bit ids: collisions are rare
+                taken.add(identity["participant_id"])
+                self._identities.append(identity)
         self._unregistered: list[int] = list(range(participants))
         self._registered: dict[str, dict[str, Any]] = {}
         self._registered_ids: list[str] = []
@@ -355,7 +363,7 @@ class DemoGenerator:
 
     # -- identities ------------------------------------------------------------------------
 
-    def _identity(self, n: int) -> dict[str, Any]:
+    def _identity(self) -> dict[str, Any]:
         rng = self._rng
         first, last = rng.choice(_FIRST_NAMES), rng.choice(_LAST_NAMES)
         if rng.random() < 0.85:
@@ -378,11 +386,11 @@ class DemoGenerator:
     # -- simulation ------------------------------------------------------------------------
 
     def _tick(self) -> str:
+        # Drawn even with a live clock, so the stream differs only in its timestamps.
+        step = self._rng.expovariate(1.0 / self._mean_interval_s)
         if self._clock is not None:
-            now = self._clock().astimezone(UTC)
-            self._now = max(now, self._now)
+            self._now = max(self._clock().astimezone(UTC), self._now)
         else:
-            step = self._rng.expovariate(1.0 / self._mean_interval_s)
             self._now += timedelta(microseconds=max(1, round(step * 1_000_000)))
         return format_ts(self._now)
 
@@ -584,7 +592,7 @@ def iter_events(n: int, seed: int = 0) -> Iterator[ChangeEvent]:
 
 
 async def run_demo_publisher(
-    bootstrap: str,
+    bootstrap: str | Sequence[str],
     rate: float,
     stop: asyncio.Event,
     on_progress: Callable[[int], None] | None = None,
