@@ -108,6 +108,12 @@ def _fmt_ts(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def _short_ts(ms: int) -> str:
+    if ms is None or ms < 0:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%m-%d %H:%M:%S")
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -335,32 +341,28 @@ def segments_list(ctx: click.Context, topic: str | None, as_json: bool, no_spool
         _dump({"store": cat.store.url, "segments": [e.to_json() for e in entries]})
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"segments in {cat.store.url}")
-    for col in (
-        "topic",
-        "part",
-        "offsets [start, end)",
-        "time range (UTC)",
-        "records",
-        "bytes",
-        "ratio",
-        "where",
-    ):
-        table.add_column(col)
+    table = Table(title=f"segments in {cat.store.url}", title_justify="left")
+    table.add_column("topic\\[partition]", no_wrap=True)
+    table.add_column("offsets [start, end)", no_wrap=True)
+    table.add_column("time range (UTC)", no_wrap=True)
+    for col in ("records", "bytes", "ratio"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("where", no_wrap=True)
     for e in entries:
         table.add_row(
-            e.topic,
-            str(e.partition),
-            f"{e.start:,} – {e.end:,}",
-            f"{_fmt_ts(e.min_ts)} – {_fmt_ts(e.max_ts)}",
+            escape(f"{e.topic}[{e.partition}]"),
+            f"{e.start}-{e.end}",
+            f"{_short_ts(e.min_ts)} .. {_short_ts(e.max_ts)}",
             f"{e.records:,}",
             _human_bytes(e.bytes),
             f"{e.compression_ratio:.2f}",
-            e.location if e.sealed else f"{e.location} (active)",
+            e.location if e.sealed else f"{e.location}*",
         )
-    Console().print(table)
+    # piped output is not cut to 80 columns: scripts and logs get whole rows
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     total = sum(e.records for e in entries)
     click.echo(
         f"{len(entries)} segments, {total:,} records, {_human_bytes(sum(e.bytes for e in entries))}"
