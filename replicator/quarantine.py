@@ -95,9 +95,11 @@ class QuarantineLog:
         if self._fd < 0:
             makedirs_durable(self.path.parent)
             created = not self.path.exists()
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             if created:
                 fsync_dir(self.path.parent)
+            else:
+                _cut_torn_tail(self._fd)
         data = b"".join(lines)
         view = memoryview(data)
         written = 0
@@ -110,6 +112,29 @@ class QuarantineLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _cut_torn_tail(fd: int) -> None:
+    """Truncate a last line that lacks its newline (a write torn by a crash), fsync'd.
+
+    Appending after a torn line would glue the next entry onto it, and the reader would
+    drop both as one undecodable line. The torn entry itself is safe to cut: its lines
+    are fsync'd before the block covering its offset, so that offset is not durable and
+    the event is consumed and quarantined again.
+    """
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    keep, pos = 0, size
+    while pos > 0:
+        start = max(0, pos - 65536)
+        nl = os.pread(fd, pos - start, start).rfind(b"\n")
+        if nl >= 0:
+            keep = start + nl + 1
+            break
+        pos = start
+    os.ftruncate(fd, keep)
+    os.fsync(fd)
 
 
 def read_quarantine(path: Path) -> Iterator[QuarantinedEvent]:

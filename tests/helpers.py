@@ -121,7 +121,7 @@ def stored_records(
 
 def assert_exactly_once(
     stored: dict[tuple[str, int], list[Record]],
-    expected: dict[tuple[str, int], dict[int, bytes]],
+    expected: dict[tuple[str, int], dict[int, bytes | None]],
 ) -> int:
     """Every expected (tp, offset) stored once with identical value bytes; nothing extra."""
     total = 0
