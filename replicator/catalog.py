@@ -6,18 +6,21 @@ Invariants:
 - Store segments are listed by name (sorted = offset order per partition); their facts
   come from the footer, so listing reads a few KiB per segment, never the data.
 - ``verify`` reads every block and names each problem precisely: a corrupt segment by
-  name, byte position and offset; a hole between consecutive stored segments by range.
+  name, byte position and offset; a hole between consecutive stored segments by range;
+  missing newest segments by the partition's watermark object (its ``stored_end``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-import builtins
 from typing import Any
+
+import orjson
 
 from replicator import naming
 from replicator.errors import CorruptSegmentError, SegmentError
@@ -178,6 +181,8 @@ class Catalog:
         """Check every stored segment's blocks and the continuity between segments."""
         entries: list[SegmentEntry] = []
         problems: list[Problem] = []
+        # read before listing segments: a segment shipped meanwhile can only add coverage
+        stored_ends = await self._stored_ends(topic, problems)
         for name in await self.store_names(topic):
             seg = naming.parse_segment_name(name)
             try:
@@ -214,8 +219,34 @@ class Catalog:
                 )
             except (SegmentError, OSError) as exc:
                 problems.append(Problem("unreadable", name, seg.topic, seg.partition, str(exc)))
-        problems.extend(find_gaps(await self.store_names(topic)))
+        names = await self.store_names(topic)
+        problems.extend(find_gaps(names))
+        problems.extend(find_missing_tails(names, stored_ends))
         return entries, problems
+
+    async def _stored_ends(
+        self, topic: str | None, problems: builtins.list[Problem]
+    ) -> dict[tuple[str, int], tuple[str, int]]:
+        """Per partition, the watermark object's name and the ``stored_end`` it records."""
+        prefix = f"{naming.WATERMARKS_ROOT}/" + (f"{naming.check_topic(topic)}/" if topic else "")
+        out: dict[tuple[str, int], tuple[str, int]] = {}
+        for obj in await self.store.list(prefix):
+            if naming.is_temp(obj.name) or not obj.name.endswith(".json"):
+                continue
+            try:
+                doc = orjson.loads(await self.store.get_bytes(obj.name))
+                out[(str(doc["topic"]), int(doc["partition"]))] = (
+                    obj.name,
+                    int(doc["stored_end"]),
+                )
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                parts = obj.name.removesuffix(".json").split("/")
+                wm_topic = parts[1] if len(parts) == 3 else ""
+                wm_part = int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else -1
+                problems.append(
+                    Problem("unreadable", obj.name, wm_topic, wm_part, f"bad watermark: {exc}")
+                )
+        return out
 
     @staticmethod
     def _verify_one(path: Path, name: str) -> SegmentEntry:
@@ -244,4 +275,35 @@ def find_gaps(names: Iterable[str]) -> list[Problem]:
                 )
             )
         last[key] = seg
+    return problems
+
+
+def find_missing_tails(
+    names: Iterable[str], stored_ends: dict[tuple[str, int], tuple[str, int]]
+) -> list[Problem]:
+    """Partitions whose newest segments are missing: the watermark object records that
+    segments up to ``stored_end`` were stored, but the store's last segment ends earlier.
+
+    :func:`find_gaps` cannot see this hole: no later segment exists to expose it.
+    """
+    ends: dict[tuple[str, int], int] = {}
+    for seg in (naming.parse_segment_name(n) for n in names):
+        key = (seg.topic, seg.partition)
+        ends[key] = max(ends.get(key, seg.end), seg.end)
+    problems: list[Problem] = []
+    for (topic, partition), (wm_name, stored_end) in sorted(stored_ends.items()):
+        last = ends.get((topic, partition))
+        if last is None or last < stored_end:
+            have = "no segment" if last is None else f"the newest segment ends at {last}"
+            problems.append(
+                Problem(
+                    "gap",
+                    wm_name,
+                    topic,
+                    partition,
+                    f"gap: {wm_name} records segments stored up to offset {stored_end}, "
+                    f"but {have}",
+                    offset=last,
+                )
+            )
     return problems

@@ -68,6 +68,22 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+async def store_end(store: Store, topic: str, partition: int) -> int | None:
+    """Coverage end of the newest stored segment of a partition (None: nothing stored)."""
+    objs = await store.list(naming.segments_prefix(topic, partition))
+    ends = [naming.parse_segment_name(o.name).end for o in objs if naming.is_segment_name(o.name)]
+    return max(ends) if ends else None
+
+
+def _leftover_end(path: Path) -> int | None:
+    """Coverage end of a spool leftover (None if unreadable: keep it for its owner)."""
+    try:
+        with SegmentReader(path) as r:
+            return r.summary.end
+    except (SegmentError, OSError):
+        return None
+
+
 class PartitionLog:
     """Everything about one topic-partition this instance owns."""
 
@@ -155,11 +171,7 @@ class PartitionLog:
         return final
 
     async def _store_end(self) -> int | None:
-        objs = await self.store.list(naming.segments_prefix(self.topic, self.partition))
-        ends = [
-            naming.parse_segment_name(o.name).end for o in objs if naming.is_segment_name(o.name)
-        ]
-        return max(ends) if ends else None
+        return await store_end(self.store, self.topic, self.partition)
 
     # -- group commit (called by Spool.flush) ----------------------------------------------
 
@@ -418,6 +430,41 @@ class Spool:
             await plog.ship_pending(self.metrics)
             plog.close_sync()
             del self.logs[tp]
+
+    async def prune_foreign_leftovers(self) -> int:
+        """Remove spool leftovers of partitions this instance does not own (any more) whose
+        range the store already covers -- a crash left them, another owner re-consumed and
+        stored that range. Leftovers the store does not cover are kept: their owner-to-be
+        ships them when the partition comes back. Returns how many files were removed.
+        """
+        root = self.settings.data_dir / "spool"
+        if not root.is_dir():
+            return 0
+        removed = 0
+        for topic_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            for part_dir in sorted(p for p in topic_dir.iterdir() if p.is_dir()):
+                if not part_dir.name.isdigit():
+                    continue
+                tp = (topic_dir.name, int(part_dir.name))
+                if tp in self.logs:
+                    continue
+                files = sorted(
+                    p for p in part_dir.iterdir()
+                    if p.name.endswith((naming.ACTIVE_SUFFIX, naming.SEALED_SUFFIX))
+                )
+                if not files:
+                    continue
+                covered = await store_end(self.store, *tp)
+                if covered is None:
+                    continue
+                for f in files:
+                    end = await asyncio.to_thread(_leftover_end, f)
+                    if end is not None and end <= covered and tp not in self.logs:
+                        f.unlink()
+                        removed += 1
+                        log.info("removed spool leftover the store already covers",
+                                 extra={"path": str(f), "store_end": covered})
+        return removed
 
     def quarantine_for(self, topic: str) -> QuarantineLog:
         q = self.quarantine.get(topic)

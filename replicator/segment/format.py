@@ -163,21 +163,8 @@ class SegmentSummary:
     blocks: int
 
 
-def encode_record(
-    offset: int,
-    timestamp: int,
-    timestamp_type: int,
-    key: bytes | None,
-    value: bytes | None,
-    headers: Sequence[tuple[str, bytes | None]],
-) -> bytes:
-    """Frame one record (see FORMAT.md §Record). Hot path: keep it one join."""
-    klen = -1 if key is None else len(key)
-    vlen = -1 if value is None else len(value)
-    head = RECORD_HEADER.pack(offset, timestamp, timestamp_type, klen, vlen, len(headers))
-    if not headers:
-        return b"".join((head, key or b"", value or b""))
-    parts = [head, key or b"", value or b""]
+def _encode_headers_uncached(headers: Sequence[tuple[str, bytes | None]]) -> bytes:
+    parts: list[bytes] = []
     for name, hval in headers:
         nb = name.encode()
         parts.append(HEADER_NAME.pack(len(nb)))
@@ -188,6 +175,52 @@ def encode_record(
             parts.append(HEADER_VALUE.pack(len(hval)))
             parts.append(hval)
     return b"".join(parts)
+
+
+#: Encoded header sections by header tuple. Producers put the same few header sets on every
+#: message (ChangePublisher: entity + schema_version), so this turns per-record header
+#: encoding into one dict lookup. Bounded: once full, new header sets are encoded uncached.
+_HEADER_CACHE: dict[object, bytes] = {}
+_HEADER_CACHE_MAX = 1024
+
+
+def encode_headers(headers: Sequence[tuple[str, bytes | None]]) -> bytes:
+    """The header section of a framed record (name length, name, value length, value)*.
+
+    Hot path. ``headers`` as aiokafka delivers them (a tuple of ``(str, bytes)`` tuples) is
+    looked up in a small cache; unhashable sequences (lists) are encoded directly. The
+    bytes depend only on the headers' contents, so cached and uncached results are equal.
+    """
+    try:
+        hb = _HEADER_CACHE.get(headers)
+    except TypeError:  # a list, or a tuple holding an unhashable value
+        return _encode_headers_uncached(headers)
+    if hb is None:
+        hb = _encode_headers_uncached(headers)
+        if len(_HEADER_CACHE) < _HEADER_CACHE_MAX:
+            _HEADER_CACHE[headers] = hb
+    return hb
+
+
+def encode_record(
+    offset: int,
+    timestamp: int,
+    timestamp_type: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes | None]],
+) -> bytes:
+    """Frame one record (see FORMAT.md §Record). Hot path: keep it one join.
+
+    (:meth:`replicator.segment.writer.BlockBuilder.append` frames records the same way
+    directly into its buffer.)
+    """
+    klen = -1 if key is None else len(key)
+    vlen = -1 if value is None else len(value)
+    head = RECORD_HEADER.pack(offset, timestamp, timestamp_type, klen, vlen, len(headers))
+    if not headers:
+        return b"".join((head, key or b"", value or b""))
+    return b"".join((head, key or b"", value or b"", encode_headers(headers)))
 
 
 def iter_records(raw: bytes) -> Iterator[Record]:

@@ -43,26 +43,31 @@ class PendingBlock:
     flags: int = 0
 
 
+_pack_record_header = fmt.RECORD_HEADER.pack
+_encode_headers = fmt.encode_headers
+_NO_TS = fmt.NO_TS
+
+
 class BlockBuilder:
     """Accumulates records of one partition until the flusher takes them as a block.
 
     ``position`` is the coverage end: the offset after the last record appended or skipped.
+    Records are framed straight into one growing buffer (no per-record bytes objects).
     """
 
-    __slots__ = ("_count", "_max_ts", "_min_ts", "_parts", "_size", "_start", "position")
+    __slots__ = ("_buf", "_count", "_max_ts", "_min_ts", "_start", "position")
 
     def __init__(self, start: int) -> None:
         self._start = start
         self.position = start
-        self._parts: list[bytes] = []
+        self._buf = bytearray()
         self._count = 0
-        self._size = 0
-        self._min_ts = fmt.NO_TS
-        self._max_ts = fmt.NO_TS
+        self._min_ts = _NO_TS
+        self._max_ts = _NO_TS
 
     @property
     def pending_bytes(self) -> int:
-        return self._size
+        return len(self._buf)
 
     @property
     def pending_records(self) -> int:
@@ -82,12 +87,34 @@ class BlockBuilder:
         value: bytes | None,
         headers: Sequence[tuple[str, bytes | None]],
     ) -> None:
-        """Add one record; offsets must increase. Hot path."""
-        rec = fmt.encode_record(offset, timestamp, timestamp_type, key, value, headers)
-        self._parts.append(rec)
-        self._size += len(rec)
+        """Add one record; offsets must increase. Hot path.
+
+        Appends exactly the bytes of :func:`replicator.segment.format.encode_record`; if
+        framing fails (a bad argument) nothing is appended.
+        """
+        buf = self._buf
+        mark = len(buf)
+        try:
+            buf += _pack_record_header(
+                offset,
+                timestamp,
+                timestamp_type,
+                -1 if key is None else len(key),
+                -1 if value is None else len(value),
+                len(headers),
+            )
+            if key:
+                buf += key
+            if value:
+                buf += value
+            if headers:
+                buf += _encode_headers(headers)
+        except BaseException:
+            del buf[mark:]
+            raise
         self._count += 1
-        if self._min_ts == fmt.NO_TS or timestamp < self._min_ts:
+        min_ts = self._min_ts
+        if min_ts == _NO_TS or timestamp < min_ts:
             self._min_ts = timestamp
         if timestamp > self._max_ts:
             self._max_ts = timestamp
@@ -106,7 +133,7 @@ class BlockBuilder:
         if not self.has_pending and not watermark_ms:
             return None
         block = PendingBlock(
-            raw=b"".join(self._parts),
+            raw=bytes(self._buf),
             records=self._count,
             start=self._start,
             end=self.position,
@@ -116,11 +143,10 @@ class BlockBuilder:
             flags=fmt.FLAG_WATERMARK if watermark_ms and not self._count else 0,
         )
         self._start = self.position
-        self._parts = []
+        self._buf = bytearray()
         self._count = 0
-        self._size = 0
-        self._min_ts = fmt.NO_TS
-        self._max_ts = fmt.NO_TS
+        self._min_ts = _NO_TS
+        self._max_ts = _NO_TS
         return block
 
 

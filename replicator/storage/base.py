@@ -60,6 +60,13 @@ class Store(Protocol):
         """Remove ``name``; removing a missing object is not an error."""
         ...
 
+    async def sweep(self, older_than_s: float) -> int:
+        """Remove leftovers of interrupted puts older than ``older_than_s``; return how many.
+
+        The age guard keeps a sweep from racing another writer's put on a shared store.
+        """
+        ...
+
 
 def open_store(url: str) -> Store:
     """Build a store from a URL: ``file:///path`` or a plain path (local directory)."""

@@ -11,6 +11,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 from replicator import naming
@@ -134,16 +135,22 @@ class LocalStore:
             return
         fsync_dir(path.parent)
 
-    def sweep_temp_sync(self) -> int:
-        """Remove temp files a crash left behind; return how many."""
+    def sweep_temp_sync(self, older_than_s: float = 0.0) -> int:
+        """Remove temp files a crash left behind (older than ``older_than_s``)."""
         n = 0
         if not self.root.is_dir():
             return 0
+        cutoff = time.time() - older_than_s
         for dirpath, _dirs, files in os.walk(self.root):
             for fn in files:
                 if fn.startswith(naming.TEMP_PREFIX):
-                    os.unlink(os.path.join(dirpath, fn))
-                    n += 1
+                    path = os.path.join(dirpath, fn)
+                    try:
+                        if os.stat(path).st_mtime <= cutoff:
+                            os.unlink(path)
+                            n += 1
+                    except FileNotFoundError:
+                        continue
         return n
 
     # -- the Store protocol -----------------------------------------------------------------
@@ -168,3 +175,6 @@ class LocalStore:
 
     async def delete(self, name: str) -> None:
         await asyncio.to_thread(self.delete_sync, name)
+
+    async def sweep(self, older_than_s: float) -> int:
+        return await asyncio.to_thread(self.sweep_temp_sync, older_than_s)
