@@ -111,9 +111,12 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
-def _coerce(setting: str, target: Any, value: Any) -> Any:
-    """Convert ``value`` (from TOML or an env string) to the type of the default ``target``."""
-    from_env = isinstance(value, str)
+def _coerce(setting: str, target: Any, value: Any, from_env: bool) -> Any:
+    """Convert ``value`` (a TOML value, or an env string) to the type of the default ``target``.
+
+    TOML values must already have the right type (``seal_bytes = "123"`` is an error);
+    environment strings are parsed.
+    """
     try:
         if isinstance(target, bool):
             if from_env:
@@ -125,12 +128,12 @@ def _coerce(setting: str, target: Any, value: Any) -> Any:
                 raise TypeError(type(value).__name__)
             return value
         if isinstance(target, int):
-            if isinstance(value, (bool, float)):
+            if isinstance(value, (bool, float)) or (isinstance(value, str) and not from_env):
                 raise TypeError(type(value).__name__)
             return int(value)
         if isinstance(target, float):
-            if isinstance(value, bool):
-                raise TypeError("bool")
+            if isinstance(value, bool) or (isinstance(value, str) and not from_env):
+                raise TypeError(type(value).__name__)
             return float(value)
         if isinstance(target, tuple):
             if from_env:
@@ -147,19 +150,23 @@ def _coerce(setting: str, target: Any, value: Any) -> Any:
                 raise TypeError(type(value).__name__)
             return value
     except (TypeError, ValueError) as exc:
-        kind = type(target).__name__ if target is not None else "path"
+        kind = {"tuple": "a list of strings", "PosixPath": "a path", "NoneType": "a path"}.get(
+            type(target).__name__, type(target).__name__
+        )
         raise ConfigError(setting, f"expected {kind}, got {value!r} ({exc})") from None
     raise ConfigError(setting, f"unsupported value {value!r}")
 
 
-def _apply(section_name: str, current: Any, values: Mapping[str, Any], source: str) -> Any:
+def _apply(
+    section_name: str, current: Any, values: Mapping[str, Any], source: str, from_env: bool
+) -> Any:
     known = {f.name for f in fields(current)}
     changes: dict[str, Any] = {}
     for key, value in values.items():
         setting = f"{section_name}.{key}"
         if key not in known:
             raise ConfigError(setting, f"unknown setting (from {source}); known: {sorted(known)}")
-        changes[key] = _coerce(setting, getattr(current, key), value)
+        changes[key] = _coerce(setting, getattr(current, key), value, from_env)
     return replace(current, **changes)
 
 
@@ -181,7 +188,9 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
             raise ConfigError(name, f"unknown section in {path}; known: {sorted(_SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(name, "expected a table")
-        cfg = replace(cfg, **{name: _apply(name, getattr(cfg, name), values, str(path))})
+        cfg = replace(
+            cfg, **{name: _apply(name, getattr(cfg, name), values, str(path), from_env=False)}
+        )
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
@@ -190,7 +199,8 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         if section not in _SECTIONS or not setting:
             continue
         cfg = replace(
-            cfg, **{section: _apply(section, getattr(cfg, section), {setting: value}, key)}
+            cfg,
+            **{section: _apply(section, getattr(cfg, section), {setting: value}, key, True)},
         )
     validate(cfg)
     return cfg
