@@ -223,6 +223,7 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool) -> int:
     display = _Progress(ingestor, published) if show_progress else None
     stopper = asyncio.create_task(stop.wait())
     code = EXIT_OK
+    stopped = False
     try:
         if display is not None:
             display.start()
@@ -236,11 +237,17 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool) -> int:
                 log.info("stopping: sealing and storing everything consumed")
                 break
             failed = [t for t in done if t is not stopper]
-            if failed:
-                for t in failed:
-                    failure = t.exception()
-                    if failure is not None:
-                        raise failure
+            for t in failed:
+                tasks.remove(t)
+                failure = t.exception()
+                if t.get_name() == "demo-publisher":
+                    # the demo is a convenience: its failure never stops the backup
+                    log.error("demo publisher stopped: %s", failure)
+                    continue
+                if failure is not None:
+                    raise failure
+                stopped = True  # ingest returned: a stop was requested
+            if stopped or not tasks:
                 break
     finally:
         stop.set()

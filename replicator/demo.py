@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from replicator.errors import ConfigError
+from replicator.errors import BrokerError, ConfigError
 from replicator.publish import ChangeEvent, ChangePublisher, Op, format_ts
 from replicator.schemas import SchemaRegistry
 
@@ -586,6 +586,44 @@ def _participant_image(row: Mapping[str, Any]) -> dict[str, Any]:
     return image
 
 
+async def _publish_until_stopped(
+    bootstrap: str | Sequence[str],
+    rate: float,
+    stop: asyncio.Event,
+    on_progress: Callable[[int], None] | None,
+    generator: DemoGenerator,
+    sent: int,
+    max_batch: int,
+    topic_for_entity: Mapping[str, str] | None,
+    registry: SchemaRegistry | None,
+    loop: asyncio.AbstractEventLoop,
+) -> int:
+    async with ChangePublisher(
+        bootstrap_servers=bootstrap,
+        client_id="replicator-demo",
+        topic_for_entity=topic_for_entity,
+        registry=registry,
+    ) as publisher:
+        origin, base = loop.time(), sent
+        while not stop.is_set():
+            due = int((loop.time() - origin) * rate) - (sent - base)
+            if due > max(2 * rate, max_batch):  # more than ~2 s behind: do not burst
+                log.warning("demo publisher behind schedule", extra={"dropped_backlog": due})
+                origin, base = loop.time(), sent
+                continue
+            if due <= 0:
+                wait = (sent - base + 1) / rate - (loop.time() - origin)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=max(wait, 0.001))
+                continue
+            batch = generator.take(min(due, max_batch))
+            await publisher.publish_many(batch)
+            sent += len(batch)
+            if on_progress is not None:
+                on_progress(sent)
+    return sent
+
+
 def iter_events(n: int, seed: int = 0) -> Iterator[ChangeEvent]:
     """The first ``n`` events of ``DemoGenerator(seed=seed)`` (for benchmarks and tests)."""
     return itertools.islice(DemoGenerator(seed=seed), n)
@@ -622,27 +660,17 @@ async def run_demo_publisher(
     )
     loop = asyncio.get_running_loop()
     sent = 0
-    async with ChangePublisher(
-        bootstrap_servers=bootstrap,
-        client_id="replicator-demo",
-        topic_for_entity=topic_for_entity,
-        registry=registry,
-    ) as publisher:
-        origin, base = loop.time(), 0
-        while not stop.is_set():
-            due = int((loop.time() - origin) * rate) - (sent - base)
-            if due > max(2 * rate, max_batch):  # more than ~2 s behind: do not burst
-                log.warning("demo publisher behind schedule", extra={"dropped_backlog": due})
-                origin, base = loop.time(), sent
-                continue
-            if due <= 0:
-                wait = (sent - base + 1) / rate - (loop.time() - origin)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=max(wait, 0.001))
-                continue
-            batch = generator.take(min(due, max_batch))
-            await publisher.publish_many(batch)
-            sent += len(batch)
-            if on_progress is not None:
-                on_progress(sent)
+    while not stop.is_set():
+        try:
+            sent = await _publish_until_stopped(
+                bootstrap, rate, stop, on_progress, generator, sent, max_batch,
+                topic_for_entity, registry, loop,
+            )
+        except BrokerError as exc:
+            # A demo must ride out a broker restart: aiokafka's idempotent producer can end
+            # up unusable (e.g. OutOfOrderSequenceNumber after expired batches), so start a
+            # fresh producer after a pause instead of giving up.
+            log.warning("demo publisher: %s; reconnecting in 2 s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=2.0)
     return sent
