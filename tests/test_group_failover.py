@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from replicator import naming
+from replicator.errors import SegmentError
 from replicator.segment.format import Record
 from replicator.segment.reader import SegmentReader
 from tests.helpers import (
@@ -205,6 +206,14 @@ def spool_records(data_dir: Path, topics: list[str]) -> dict[TP, list[Record]]:
     return dict(out)
 
 
+def has_spooled(data_dir: Path, topics: list[str], parts: set[TP]) -> bool:
+    """True if the spool holds records of one of ``parts`` (a kill now leaves leftovers)."""
+    try:
+        return bool(set(spool_records(data_dir, topics)) & parts)
+    except (OSError, SegmentError):
+        return False  # a file sealed or shipped while it was being read
+
+
 def check_leftovers_redundant(
     leftovers: dict[TP, list[Record]], stored: dict[TP, list[Record]], owner: str
 ) -> int:
@@ -278,6 +287,8 @@ async def test_sigkill_failover_and_restart_store_exactly_once(
                        60, "a stable split of the partitions")
         a_parts, b_parts = a.owned(), b.owned()
         await asyncio.sleep(4)
+        await wait_for(lambda: has_spooled(a.data_dir, topics, a_parts), 60,
+                       "records in A's spool")
 
         # 1. SIGKILL A mid-stream: B takes A's partitions after A's session expires, resumes
         #    them from the shared store and re-consumes what A had only in its spool
@@ -292,6 +303,8 @@ async def test_sigkill_failover_and_restart_store_exactly_once(
         await wait_owned(a, "A back", a_parts)
         await wait_owned(b, "A back", b_parts)
         await asyncio.sleep(4)
+        await wait_for(lambda: has_spooled(b.data_dir, topics, b_parts), 60,
+                       "records in B's spool")
 
         # 3. SIGKILL B, restart it after 3 s (before its old member's session expires) with
         #    a client id that sorts first: the assignment swaps, B's leftovers stay behind on
