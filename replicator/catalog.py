@@ -235,6 +235,8 @@ class Catalog:
                 continue
             try:
                 doc = orjson.loads(await self.store.get_bytes(obj.name))
+                if doc["stored_end"] is None:
+                    continue  # an idle partition that never had a segment
                 out[(str(doc["topic"]), int(doc["partition"]))] = (
                     obj.name,
                     int(doc["stored_end"]),

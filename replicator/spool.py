@@ -107,6 +107,8 @@ class PartitionLog:
         self._ship_lock = asyncio.Lock()
         self.sealed_segments = 0
         self.shipped_end: int | None = None
+        #: the store's watermark object is behind (an idle segment was dropped unshipped)
+        self.watermark_dirty = False
 
     @property
     def tp(self) -> TP:
@@ -227,6 +229,7 @@ class PartitionLog:
             a.close()
             a.path.unlink()
             fsync_dir(a.path.parent)
+            self.watermark_dirty = True
             return None
         summary = a.seal()
         self.sealed_segments += 1
@@ -335,15 +338,29 @@ class PartitionLog:
         return tmp
 
     async def _put_watermark(self) -> None:
-        """Record in the store how far this partition is shipped and caught up."""
-        if self.shipped_end is None or not self.durable_watermark_ms:
+        """Record in the store how far this partition is stored and until when it is complete.
+
+        With no active segment and nothing waiting to ship, everything durable is in the
+        store, so the durable watermark holds for the store too -- this is how an idle
+        partition's watermark reaches the store without a segment per seal interval.
+        Otherwise only the stored end is known here (the shipped footers carry their own
+        watermarks) and ``watermark_ms`` is 0.
+        """
+        nothing_stored = self.shipped_end is None and self.store_end is None
+        if self.active is None and not self._to_ship and self.durable >= 0:
+            # None: the partition has never had a segment (idle since its log start)
+            stored_end: int | None = None if nothing_stored else self.durable
+            watermark = self.durable_watermark_ms
+        else:
+            stored_end, watermark = self.shipped_end, 0
+        if not watermark and stored_end is None:
             return
         doc = {
             "topic": self.topic,
             "partition": self.partition,
-            "stored_end": self.shipped_end,
+            "stored_end": stored_end,
             "durable_end": self.durable,
-            "watermark_ms": self.durable_watermark_ms if self.active is None else 0,
+            "watermark_ms": watermark,
             "updated_ms": _now_ms(),
         }
         await self.store.put_bytes(
@@ -351,6 +368,7 @@ class PartitionLog:
             orjson.dumps(doc),
             create_only=False,
         )
+        self.watermark_dirty = False
 
     def close_sync(self) -> None:
         if self.active is not None:
@@ -563,7 +581,7 @@ class Spool:
                 await asyncio.wait_for(self._ship_wakeup.wait(), timeout=1.0)
             self._ship_wakeup.clear()
             for plog in list(self.logs.values()):
-                if not plog.ship_backlog:
+                if not plog.ship_backlog and not plog.watermark_dirty:
                     continue
                 try:
                     await plog.ship_pending(self.metrics)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import orjson
 import pytest
 
+from replicator.catalog import Catalog
 from replicator.ingest import Ingestor
 from replicator.publish import ChangePublisher
 from replicator.quarantine import read_quarantine
+from replicator.storage import LocalStore
 from tests.helpers import (
     assert_exactly_once,
     create_topics,
@@ -122,3 +125,36 @@ async def test_bad_events_are_quarantined_and_good_ones_stored(kafka_bootstrap: 
     segs = sorted((tmp_path / "data" / "store").rglob("*.seg"))
     assert segs[0].name.startswith("0" * 20) and segs[-1].name.endswith(
         f"{sent_good[-1] + 1:020d}.seg")
+
+
+async def test_idle_partitions_keep_recording_watermarks(kafka_bootstrap: str,
+                                                         tmp_path: Path) -> None:
+    """An idle partition still records that it was caught up, locally and in the store."""
+    topic = unique("config")
+    await create_topics(kafka_bootstrap, [topic], partitions=3)
+    good = {"entity": "config", "op": "delete", "ts": "2026-01-01T00:00:00Z",
+            "schema_version": 1}
+    async with ChangePublisher(bootstrap_servers=kafka_bootstrap) as pub:
+        for i in range(20):  # partition 0 only: 1 and 2 stay empty
+            await pub.publish_raw(topic, orjson.dumps({**good, "key": f"k{i}"}), b"k",
+                                  partition=0)
+    data = tmp_path / "data"
+    cfg = make_config(data, kafka_bootstrap, [topic], seal_age_s=1.0,
+                      watermark_interval_ms=200)
+    async with Ingestor(config=cfg) as ing:
+        task = asyncio.create_task(ing.run())
+        await wait_for(lambda: ing.stats.ingested == 20, 60, "20 events")
+        mark_ms = time.time() * 1000
+        await asyncio.sleep(4)
+        for p in range(3):
+            assert ing.spool.logs[(topic, p)].durable_watermark_ms >= mark_ms
+            doc = orjson.loads((data / "store" / "watermarks" / topic / f"{p:06d}.json")
+                               .read_bytes())
+            assert doc["watermark_ms"] >= mark_ms, (p, doc)
+            assert doc["stored_end"] == (20 if p == 0 else None)
+        # idle seal intervals do not pile up empty segments
+        assert len(list((data / "store" / "segments").rglob("*.seg"))) == 1
+        ing.request_stop()
+        await task
+    entries, problems = await Catalog(store=LocalStore(root=data / "store")).verify()
+    assert problems == [] and sum(e.records for e in entries) == 20
