@@ -242,7 +242,8 @@ class PartitionLog:
         return len(self._to_ship)
 
     def queue_ship(self, path: Path) -> None:
-        self._to_ship.append(path)
+        if path not in self._to_ship:
+            self._to_ship.append(path)
 
     async def ship_pending(self, metrics: Metrics | None = None) -> None:
         """Put every sealed spool file into the store, in offset order, then remove it."""
@@ -264,6 +265,11 @@ class PartitionLog:
             self._to_ship = sorted([*self._to_ship, *found])
 
     async def _ship_one(self, path: Path, metrics: Metrics | None) -> None:
+        if not path.exists():
+            # Shipped already: a seal renames the file before its coroutine queues it, and in
+            # that window the shipper may adopt and ship it from disk. Only shipping removes
+            # a .sealed file, so a missing one is never lost data.
+            return
         with SegmentReader(path, expect_sealed=True) as r:
             summary = r.summary
         store_end = await self._store_end()
