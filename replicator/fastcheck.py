@@ -172,7 +172,8 @@ class FastAccept:
             return None
         try:
             event = decoder.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+            # ValueError covers UnicodeDecodeError (invalid UTF-8): never raise on bad input
             return None
         data = event.data
         if (data is None) == (event.op == "upsert"):

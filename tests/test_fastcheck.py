@@ -96,3 +96,23 @@ def test_fast_path_rejects_upsert_without_data_and_delete_with_data() -> None:
     assert FAST.entity_of(orjson.dumps({**up, "op": "delete"})) is None
     assert FAST.entity_of(b"{not json") is None
     assert FAST.entity_of(b"[]") is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"entity":"attendance","op":"upsert","key":"\xff"}', b"\xff\xfe", b'"\xc3"', b"",
+     b'{"entity":"attendance","op":"delete","key":"a","ts":"2026-01-01T00:00:00Z",'
+     b'"schema_version":1,"x\xff":1}'],
+)
+def test_bad_bytes_are_rejected_never_raised(raw: bytes) -> None:
+    from replicator.ingest import EventValidator
+
+    assert FAST.entity_of(raw) is None
+    reason = EventValidator(registry=REGISTRY, max_event_bytes=1 << 20).check("attendance", raw)
+    assert reason is not None and reason.startswith("malformed JSON"), reason
+
+
+@settings(max_examples=2000, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_arbitrary_bytes_never_raise(raw: bytes) -> None:
+    FAST.entity_of(raw)
