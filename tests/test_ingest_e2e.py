@@ -92,6 +92,7 @@ async def test_bad_events_are_quarantined_and_good_ones_stored(kafka_bootstrap: 
     }
     bad: list[tuple[bytes | None, str]] = [
         (b"{not json", "malformed JSON"),
+        (b'{"entity": "attendance", "key": "\xff\xfe"}', "malformed JSON"),  # bad UTF-8
         (orjson.dumps({**good, "key": None}), "key"),
         (orjson.dumps({k: v for k, v in good.items() if k != "key"}), "key"),
         (orjson.dumps({**good, "op": "merge"}), "op"),
