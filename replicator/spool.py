@@ -392,6 +392,7 @@ class Spool:
         self.logs: dict[TP, PartitionLog] = {}
         self.quarantine: dict[str, QuarantineLog] = {}
         self._lock = asyncio.Lock()
+        self._release_lock = asyncio.Lock()
         self._ship_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -440,20 +441,26 @@ class Spool:
         return plog
 
     async def release(self, tps: Iterable[TP]) -> None:
-        """Flush, seal and ship the given partitions, then forget them (revoke/shutdown)."""
-        tps = [tp for tp in tps if tp in self.logs]
-        if not tps:
-            return
-        await self.flush()
-        async with self._lock:
-            paths = await asyncio.to_thread(self._seal_many_sync, [self.logs[tp] for tp in tps])
-        for tp in tps:
-            plog = self.logs[tp]
-            if tp in paths:
-                plog.queue_ship(paths[tp])
-            await plog.ship_pending(self.metrics)
-            plog.close_sync()
-            del self.logs[tp]
+        """Flush, seal and ship the given partitions, then forget them (revoke/shutdown).
+
+        Serialized: a shutdown and a rebalance revoke may ask for the same partitions at
+        once; whichever comes second finds them already released.
+        """
+        async with self._release_lock:
+            tps = [tp for tp in tps if tp in self.logs]
+            if not tps:
+                return
+            await self.flush()
+            async with self._lock:
+                logs = [self.logs[tp] for tp in tps]
+                paths = await asyncio.to_thread(self._seal_many_sync, logs)
+            for plog in logs:
+                if plog.tp in paths:
+                    plog.queue_ship(paths[plog.tp])
+                await plog.ship_pending(self.metrics)
+                plog.close_sync()
+                if self.logs.get(plog.tp) is plog:
+                    del self.logs[plog.tp]
 
     async def prune_foreign_leftovers(self) -> int:
         """Remove spool leftovers of partitions this instance does not own (any more) whose

@@ -29,3 +29,22 @@ async def test_sealed_file_shipped_by_adoption_is_not_shipped_twice(tmp_path: Pa
     names = [o.name for o in await store.list("segments/")]
     assert names == ["segments/attendance/000003/00000000000000000000-00000000000000000050.seg"]
     await spool.stop()
+
+
+async def test_concurrent_release_of_the_same_partitions(tmp_path: Path) -> None:
+    """Shutdown and a rebalance revoke releasing the same partitions at once (seen in CI)."""
+    import asyncio
+
+    store = LocalStore(root=tmp_path / "store")
+    spool = Spool(settings=SpoolSettings(data_dir=tmp_path), store=store, metrics=Metrics())
+    for p in range(3):
+        plog = await spool.open_partition("registry", p)
+        plog.start_at(0)
+        assert plog.builder is not None
+        for off in range(10):
+            plog.builder.append(off, 1000 + off, 0, b"k", b"v", [])
+    tps = list(spool.logs)
+    await asyncio.gather(spool.release(tps), spool.release(list(reversed(tps))), spool.stop())
+    assert spool.logs == {}
+    names = [o.name for o in await store.list("segments/")]
+    assert len(names) == 3 and all(n.endswith("-00000000000000000010.seg") for n in names)
