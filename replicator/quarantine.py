@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 
 from replicator import naming
-from replicator.storage.local import fsync_dir, makedirs_durable
+from replicator.storage.local import fsync_dir, makedirs_durable, write_all
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +100,7 @@ class QuarantineLog:
                 fsync_dir(self.path.parent)
             else:
                 _cut_torn_tail(self._fd)
-        data = b"".join(lines)
-        view = memoryview(data)
-        written = 0
-        while written < len(data):
-            written += os.write(self._fd, view[written:])
+        write_all(self._fd, b"".join(lines))
         os.fsync(self._fd)
         return len(lines)
 

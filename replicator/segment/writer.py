@@ -26,7 +26,7 @@ from pathlib import Path
 from replicator.segment import format as fmt
 from replicator.segment.format import BlockMeta, SegmentHeader, SegmentSummary
 from replicator.segment.reader import RecoveryResult
-from replicator.storage.local import fsync_dir, makedirs_durable
+from replicator.storage.local import fsync_dir, makedirs_durable, write_all
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +176,7 @@ class ActiveSegment:
         data = header.encode()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -220,10 +220,7 @@ class ActiveSegment:
             watermark_ms=block.watermark_ms,
             flags=block.flags,
         )
-        written = 0
-        view = memoryview(data)
-        while written < len(data):
-            written += os.write(self._fd, view[written:])
+        write_all(self._fd, data)
         meta = BlockMeta(
             position=self.size,
             payload_len=len(data) - fmt.BLOCK_HEADER.size,
@@ -252,7 +249,7 @@ class ActiveSegment:
         """Append footer + trailer, fsync and close. The file is then immutable."""
         summary = fmt.summarize(self.blocks, self.header.base_offset)
         data = fmt.encode_footer(self.blocks, summary, self.size)
-        os.write(self._fd, data)
+        write_all(self._fd, data)
         os.fsync(self._fd)
         self.size += len(data)
         self.close()

@@ -28,6 +28,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte of ``data`` is written (short writes are legal)."""
+    view = memoryview(data)
+    written = 0
+    while written < len(data):
+        written += os.write(fd, view[written:])
+
+
 def makedirs_durable(path: Path) -> None:
     """Create ``path`` and parents, fsync'ing each directory that was created."""
     missing: list[Path] = []
