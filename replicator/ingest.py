@@ -271,7 +271,8 @@ class Ingestor:
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         consumer = self._consumer
-        assert consumer is not None
+        if consumer is None:
+            return  # stopping: stop() cleared the consumer while a rebalance completed
         log.info("partitions assigned", extra={"partitions": [tuple(tp) for tp in assigned]})
         if not assigned:
             return
