@@ -150,32 +150,153 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[k]
 
 
-async def rpo_section(
+Marks = dict[tuple[str, int], tuple[list[int], list[float]]]
+
+
+def _marks() -> Marks:
+    """Per partition: ascending end offsets and the moment everything below each was reached."""
+    return defaultdict(lambda: ([], []))
+
+
+def _mark(marks: Marks, topic: str, partition: int, end: int, t: float) -> None:
+    ends, times = marks[(topic, partition)]
+    ends.append(end)
+    times.append(t)
+
+
+def _when(marks: Marks, tp: tuple[str, int], off: int) -> float:
+    ends, times = marks[tp]
+    return times[bisect.bisect_right(ends, off)]
+
+
+async def _publish_process(
+    bootstrap: str, workdir: Path, names: dict[str, str], *, rate: float, seconds: float,
+    events_n: int, seed: int, tag: str,
+) -> tuple[dict[str, Any], list[str], list[tuple[int, int, int, int, float]]]:
+    acks_path = workdir / f"rpo-acks-{tag}.pickle"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.rpo", "--publisher", "--bootstrap", bootstrap,
+        "--topics", json.dumps(names), "--rate", str(rate), "--seconds", str(seconds),
+        "--events", str(events_n), "--seed", str(seed), "--out", str(acks_path),
+        stdout=asyncio.subprocess.PIPE, cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"rpo publisher exited {proc.returncode}")
+    pub = json.loads(out.decode().strip().splitlines()[-1])
+    with open(acks_path, "rb") as f:
+        acked = pickle.load(f)
+    acks_path.unlink()
+    return pub, acked["topics"], acked["acks"]
+
+
+def _ends(topic_of: list[str], acks: list[tuple[int, int, int, int, float]]
+          ) -> dict[tuple[str, int], int]:
+    need: dict[tuple[str, int], int] = {}
+    for ti, p, base, n, _ in acks:
+        tp = (topic_of[ti], p)
+        need[tp] = max(need.get(tp, 0), base + n)
+    return need
+
+
+async def _topics(bootstrap: str, tag: str) -> dict[str, str]:
+    names = {e: unique(f"rpo-{tag}-{e}") for e in ("attendance", "participant", "config")}
+    await create_topics(bootstrap, list(names.values()), partitions=3)
+    return names
+
+
+async def baseline_run(
+    bootstrap: str, workdir: Path, *, rate: float, seconds: float, events_n: int, seed: int,
+) -> dict[str, Any]:
+    """The same publisher, read by a bare aiokafka consume loop (read_committed, the
+    replicator's fetch settings, no processing): the latency floor this machine gives for
+    ack -> records in the consumer's hands, with the broker and the publisher on the same
+    cores."""
+    from aiokafka import AIOKafkaConsumer
+
+    from replicator.config import KafkaSettings
+
+    k = KafkaSettings()
+    names = await _topics(bootstrap, "base")
+    consumer = AIOKafkaConsumer(
+        *names.values(), bootstrap_servers=bootstrap, group_id=unique("bench-rpo-base"),
+        enable_auto_commit=False, auto_offset_reset="earliest",
+        isolation_level="read_committed", max_partition_fetch_bytes=16 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024, fetch_min_bytes=k.fetch_min_bytes,
+        fetch_max_wait_ms=k.fetch_max_wait_ms,
+    )
+    fetched = _marks()
+    mono = time.monotonic
+    await consumer.start()
+    try:
+        deadline = mono() + 60
+        while len(consumer.assignment()) < 9:
+            if mono() > deadline:
+                raise RuntimeError("baseline consumer did not get its partitions")
+            await consumer.getmany(timeout_ms=100)
+        pub_task = asyncio.create_task(_publish_process(
+            bootstrap, workdir, names, rate=rate, seconds=seconds, events_n=events_n,
+            seed=seed, tag="base"))
+        while not pub_task.done():
+            batches = await consumer.getmany(timeout_ms=50, max_records=k.max_poll_records)
+            t = mono()
+            for tp, msgs in batches.items():
+                _mark(fetched, tp.topic, tp.partition, msgs[-1].offset + 1, t)
+        pub, topic_of, acks = pub_task.result()
+        need = _ends(topic_of, acks)
+        deadline = mono() + 60
+        while not all(fetched[tp][0] and fetched[tp][0][-1] >= end for tp, end in need.items()):
+            if mono() > deadline:
+                raise RuntimeError("baseline consumer did not reach the acked offsets")
+            batches = await consumer.getmany(timeout_ms=50, max_records=k.max_poll_records)
+            t = mono()
+            for tp, msgs in batches.items():
+                _mark(fetched, tp.topic, tp.partition, msgs[-1].offset + 1, t)
+    finally:
+        await consumer.stop()
+    lat: list[float] = []
+    for ti, p, base, n, t_ack in acks:
+        tp = (topic_of[ti], p)
+        lat.extend(max(0.0, _when(fetched, tp, off) - t_ack) * 1000
+                   for off in range(base, base + n))
+    lat.sort()
+    return {
+        "rate_achieved": pub["achieved_rate"],
+        "events": pub["sent"],
+        "fetch_p50_ms": round(_percentile(lat, 50), 1),
+        "fetch_p99_ms": round(_percentile(lat, 99), 1),
+        "fetch_max_ms": round(lat[-1], 1) if lat else None,
+    }
+
+
+async def replicator_run(
     bootstrap: str, workdir: Path, *, rate: float, seconds: float, events_n: int, seed: int,
     log: Any = print,
 ) -> dict[str, Any]:
     from replicator.ingest import Ingestor
     from replicator.spool import PartitionLog
 
-    names = {e: unique(f"rpo-{e}") for e in ("attendance", "participant", "config")}
-    await create_topics(bootstrap, list(names.values()), partitions=3)
+    names = await _topics(bootstrap, "repl")
     data_dir = workdir / unique("rpo-data")
     cfg = replicator_config(data_dir, bootstrap, list(names.values()), unique("bench-rpo"))
-
-    durable: dict[tuple[str, int], tuple[list[int], list[float]]] = defaultdict(
-        lambda: ([], []))
-    orig_block_durable = PartitionLog.block_durable
     mono = time.monotonic
+    durable = _marks()  # fsync of the group commit returned
+    fetched = _marks()  # the client handed the records to the replicator (getmany)
+    orig_block_durable = PartitionLog.block_durable
+    orig_process = Ingestor._process
 
     def block_durable(self: PartitionLog, block: Any, now_mono: float) -> None:
-        t = mono()
         orig_block_durable(self, block, now_mono)
-        if block.records:
-            ends, times = durable[(self.topic, self.partition)]
-            ends.append(block.end)
-            times.append(t)
+        if block.records:  # durable when the group commit's fsyncs returned (worker thread)
+            _mark(durable, self.topic, self.partition, block.end, ing.spool.last_sync_mono)
+
+    def process(self: Ingestor, tp: Any, msgs: list[Any]) -> None:
+        if msgs:
+            _mark(fetched, tp.topic, tp.partition, msgs[-1].offset + 1, mono())
+        orig_process(self, tp, msgs)
 
     PartitionLog.block_durable = block_durable  # type: ignore[method-assign]
+    Ingestor._process = process  # type: ignore[method-assign]
     ing = Ingestor(config=cfg)
     try:
         await ing.start()
@@ -188,26 +309,11 @@ async def rpo_section(
                 raise RuntimeError("replicator did not get its partitions")
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # settle: first fetches in flight
-        acks_path = workdir / "rpo-acks.pickle"
-        log(f"rpo: publishing {rate:,.0f} events/s for {seconds:.0f}s (publisher process)")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.rpo", "--publisher", "--bootstrap", bootstrap,
-            "--topics", json.dumps(names), "--rate", str(rate), "--seconds", str(seconds),
-            "--events", str(events_n), "--seed", str(seed), "--out", str(acks_path),
-            stdout=asyncio.subprocess.PIPE, cwd=str(Path(__file__).resolve().parent.parent),
-        )
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"rpo publisher exited {proc.returncode}")
-        pub = json.loads(out.decode().strip().splitlines()[-1])
-        with open(acks_path, "rb") as f:
-            acked = pickle.load(f)
-        topic_of: list[str] = acked["topics"]
-        acks: list[tuple[int, int, int, int, float]] = acked["acks"]
-        need: dict[tuple[str, int], int] = {}
-        for ti, p, base, n, _ in acks:
-            tp = (topic_of[ti], p)
-            need[tp] = max(need.get(tp, 0), base + n)
+        log(f"rpo: publishing {rate:,.0f} events/s for {seconds:.0f}s to the replicator")
+        pub, topic_of, acks = await _publish_process(
+            bootstrap, workdir, names, rate=rate, seconds=seconds, events_n=events_n,
+            seed=seed, tag="repl")
+        need = _ends(topic_of, acks)
         deadline = time.monotonic() + 60
         logs = ing.spool.logs
         while not all((pl := logs.get(tp)) is not None and pl.durable >= end
@@ -221,18 +327,27 @@ async def rpo_section(
         await task
     finally:
         PartitionLog.block_durable = orig_block_durable  # type: ignore[method-assign]
+        Ingestor._process = orig_process  # type: ignore[method-assign]
         await ing.stop()
     lat: list[float] = []
+    to_fetch: list[float] = []  # ack -> handed to the replicator by the client
+    to_durable: list[float] = []  # handed over -> fsync'd
     before_ack = 0
     for ti, p, base, n, t_ack in acks:
-        ends, times = durable[(topic_of[ti], p)]
+        tp = (topic_of[ti], p)
         for off in range(base, base + n):
-            d = times[bisect.bisect_right(ends, off)] - t_ack
+            t_dur = _when(durable, tp, off)
+            t_fetch = _when(fetched, tp, off)
+            d = t_dur - t_ack
             if d < 0:
                 before_ack += 1
                 d = 0.0
             lat.append(d * 1000)
+            to_fetch.append(max(0.0, t_fetch - t_ack) * 1000)
+            to_durable.append((t_dur - t_fetch) * 1000)
     lat.sort()
+    to_fetch.sort()
+    to_durable.sort()
     seg_bytes, _ = segment_bytes(data_dir)
     raw = pub["value_bytes"]
     return {
@@ -248,12 +363,32 @@ async def rpo_section(
         "rpo_p999_ms": round(_percentile(lat, 99.9), 1),
         "rpo_max_ms": round(lat[-1], 1) if lat else None,
         "rpo_mean_ms": round(sum(lat) / len(lat), 1) if lat else None,
+        "ack_to_fetched_p50_ms": round(_percentile(to_fetch, 50), 1),
+        "ack_to_fetched_p99_ms": round(_percentile(to_fetch, 99), 1),
+        "fetched_to_durable_p50_ms": round(_percentile(to_durable, 50), 1),
+        "fetched_to_durable_p99_ms": round(_percentile(to_durable, 99), 1),
         "durable_before_ack": before_ack,
         "group_commits": ing.spool.flushes,
         "bytes_per_event": round(seg_bytes / raw, 4) if raw else None,
         "publisher": "separate process; AIOKafkaProducer acks=all, idempotent, no compression; "
                      "send_batch per partition every 5 ms tick",
     }
+
+
+async def rpo_section(
+    bootstrap: str, workdir: Path, *, rate: float, seconds: float, events_n: int, seed: int,
+    log: Any = print,
+) -> dict[str, Any]:
+    """The replicator run, then the bare-consumer baseline with the same publisher."""
+    out = await replicator_run(bootstrap, workdir, rate=rate, seconds=seconds,
+                               events_n=events_n, seed=seed, log=log)
+    log(f"rpo: publishing {rate:,.0f} events/s for {seconds:.0f}s to a bare consumer")
+    base = await baseline_run(bootstrap, workdir, rate=rate, seconds=seconds,
+                              events_n=events_n, seed=seed)
+    out["baseline"] = base
+    out["baseline_note"] = ("bare aiokafka consumer, same publisher, fetch settings and "
+                            "machine: ack -> records returned by getmany")
+    return out
 
 
 def section_main(argv: list[str]) -> int:

@@ -207,6 +207,8 @@ class Ingestor:
             heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_partition_fetch_bytes=16 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
+            fetch_min_bytes=k.fetch_min_bytes,
+            fetch_max_wait_ms=k.fetch_max_wait_ms,
             request_timeout_ms=max(40000, k.session_timeout_ms + 5000),
         )
         try:

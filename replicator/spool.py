@@ -398,6 +398,9 @@ class Spool:
         self._stopping = False
         self._failure: BaseException | None = None
         self.flushes = 0
+        #: ``time.monotonic()`` when the latest group commit's fsyncs returned (worker thread):
+        #: the moment its records became durable, before the loop gets to note it
+        self.last_sync_mono = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -565,6 +568,7 @@ class Spool:
         for plog, _ in work:
             if plog.active is not None:
                 plog.active.sync()
+        self.last_sync_mono = time.monotonic()
 
     @staticmethod
     def _seal_many_sync(logs: list[PartitionLog]) -> dict[TP, Path]:
