@@ -224,31 +224,44 @@ class Catalog:
         problems.extend(find_missing_tails(names, stored_ends))
         return entries, problems
 
-    async def _stored_ends(
-        self, topic: str | None, problems: builtins.list[Problem]
-    ) -> dict[tuple[str, int], tuple[str, int]]:
-        """Per partition, the watermark object's name and the ``stored_end`` it records."""
+    async def watermarks(
+        self, topic: str | None = None, problems: builtins.list[Problem] | None = None
+    ) -> builtins.list[dict[str, Any]]:
+        """The store's watermark objects (see docs/FORMAT.md §5); unreadable ones become
+        ``problems`` (when given) and are left out."""
         prefix = f"{naming.WATERMARKS_ROOT}/" + (f"{naming.check_topic(topic)}/" if topic else "")
-        out: dict[tuple[str, int], tuple[str, int]] = {}
+        out: list[dict[str, Any]] = []
         for obj in await self.store.list(prefix):
             if naming.is_temp(obj.name) or not obj.name.endswith(".json"):
                 continue
             try:
                 doc = orjson.loads(await self.store.get_bytes(obj.name))
-                if doc["stored_end"] is None:
-                    continue  # an idle partition that never had a segment
-                out[(str(doc["topic"]), int(doc["partition"]))] = (
-                    obj.name,
-                    int(doc["stored_end"]),
-                )
+                out.append({
+                    "name": obj.name,
+                    "topic": str(doc["topic"]),
+                    "partition": int(doc["partition"]),
+                    "stored_end": None if doc["stored_end"] is None else int(doc["stored_end"]),
+                    "watermark_ms": int(doc.get("watermark_ms") or 0),
+                })
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                parts = obj.name.removesuffix(".json").split("/")
-                wm_topic = parts[1] if len(parts) == 3 else ""
-                wm_part = int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else -1
-                problems.append(
-                    Problem("unreadable", obj.name, wm_topic, wm_part, f"bad watermark: {exc}")
-                )
+                if problems is not None:
+                    parts = obj.name.removesuffix(".json").split("/")
+                    wm_topic = parts[1] if len(parts) == 3 else ""
+                    wm_part = int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else -1
+                    problems.append(
+                        Problem("unreadable", obj.name, wm_topic, wm_part, f"bad watermark: {exc}")
+                    )
         return out
+
+    async def _stored_ends(
+        self, topic: str | None, problems: builtins.list[Problem]
+    ) -> dict[tuple[str, int], tuple[str, int]]:
+        """Per partition, the watermark object's name and the ``stored_end`` it records."""
+        return {
+            (d["topic"], d["partition"]): (d["name"], d["stored_end"])
+            for d in await self.watermarks(topic, problems)
+            if d["stored_end"] is not None  # an idle partition that never had a segment
+        }
 
     @staticmethod
     def _verify_one(path: Path, name: str) -> SegmentEntry:

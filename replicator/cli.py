@@ -1,4 +1,5 @@
-"""Command line: ``replicator run | segments | quarantine | topics | demo``.
+"""Command line: ``replicator run | segments | quarantine | topics | demo`` (and, from
+:mod:`replicator.cli_restore`, ``restore | backups | get | history | export``).
 
 Errors from the replicator's own hierarchy become one line on stderr and a distinct exit
 code; a traceback means a bug. Every listing has ``--json`` for scripts.
@@ -23,12 +24,17 @@ import orjson
 from replicator import __version__
 from replicator.config import Config, load_config
 from replicator.errors import (
+    BackupIncompleteError,
+    BadRequestError,
     BrokerError,
     ConfigError,
     CorruptSegmentError,
+    DigestMismatchError,
+    PointNotRestorableError,
     ReplicatorError,
     SegmentError,
     StoreError,
+    TargetError,
 )
 
 T = TypeVar("T")
@@ -40,6 +46,9 @@ EXIT_BROKER = 3
 EXIT_CORRUPT = 4
 EXIT_STORE = 5
 EXIT_MISSING = 6
+EXIT_NOT_RESTORABLE = 7
+EXIT_TARGET = 8
+EXIT_DIGEST = 9
 
 
 class _KeyValueFormatter(logging.Formatter):
@@ -65,8 +74,16 @@ def _setup_logging(level: str) -> None:
 
 
 def _exit_code(exc: ReplicatorError) -> int:
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, (ConfigError, BadRequestError)):
         return EXIT_CONFIG
+    if isinstance(exc, PointNotRestorableError):
+        return EXIT_NOT_RESTORABLE
+    if isinstance(exc, BackupIncompleteError):
+        return EXIT_MISSING
+    if isinstance(exc, TargetError):
+        return EXIT_TARGET
+    if isinstance(exc, DigestMismatchError):
+        return EXIT_DIGEST
     if isinstance(exc, BrokerError):
         return EXIT_BROKER
     if isinstance(exc, (CorruptSegmentError, SegmentError)):
@@ -546,3 +563,7 @@ def demo_cmd(ctx: click.Context, rate: float, seed: int) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# restore, backups, get, history, export: registered on ``main`` by importing the module
+from replicator import cli_restore  # noqa: E402,F401

@@ -94,3 +94,37 @@ class CorruptSegmentError(SegmentError):
         self.position = position
         self.reason = reason
         self.offset = offset
+
+
+class RestoreError(ReplicatorError):
+    """Base of errors that stop a restore (or a look-up) before it claims success."""
+
+
+class BadRequestError(RestoreError):
+    """The request itself is wrong: a malformed time, an unknown entity or topic, offsets
+    beyond what is stored. Nothing was read or written."""
+
+
+class PointNotRestorableError(RestoreError):
+    """The requested point lies outside the restorable window.
+
+    ``oldest_ms``/``newest_ms`` are the window's edges (epoch milliseconds, ``None`` when
+    there is no backup at all), so the message can name them.
+    """
+
+    def __init__(self, message: str, *, oldest_ms: int | None, newest_ms: int | None) -> None:
+        super().__init__(message)
+        self.oldest_ms = oldest_ms
+        self.newest_ms = newest_ms
+
+
+class BackupIncompleteError(RestoreError):
+    """The backup lacks data a restore needs (a missing segment between two others)."""
+
+
+class TargetError(RestoreError):
+    """The restore target is unreachable, refused an operation or already holds data."""
+
+
+class DigestMismatchError(RestoreError):
+    """What the target holds after a restore differs from the state the backup describes."""

@@ -7,7 +7,9 @@ If none can be had the session fails (it never turns integration tests into skip
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,3 +44,25 @@ def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """A real PostgreSQL: ``REPLICATOR_TEST_PG_DSN``, else a private cluster started by
+    ``deploy/postgres/pg.sh`` (installs the Debian package when absent). Never skipped."""
+    env = os.environ.get("REPLICATOR_TEST_PG_DSN")
+    if env:
+        yield env
+        return
+    d = Path(tempfile.mkdtemp(prefix="replicator-pg-"))
+    script = Path(__file__).resolve().parent.parent / "deploy" / "postgres" / "pg.sh"
+    proc = subprocess.run(["bash", str(script), "start", "--dir", str(d)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pg.sh start failed ({proc.returncode}):\n{proc.stderr}")
+    try:
+        yield proc.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(script), "stop", "--dir", str(d)], capture_output=True,
+                       timeout=120, check=False)
+        shutil.rmtree(d, ignore_errors=True)

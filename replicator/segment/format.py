@@ -256,6 +256,35 @@ def iter_records(raw: bytes) -> Iterator[Record]:
         yield Record(offset, ts, ts_type, key, value, tuple(headers))
 
 
+def iter_values(raw: bytes) -> Iterator[tuple[int, int, bytes | None]]:
+    """``(offset, timestamp, value)`` of each record of a block payload, in order.
+
+    The restore's hot loop: skips keys and headers without decoding them.
+    """
+    pos = 0
+    n = len(raw)
+    unpack = RECORD_HEADER.unpack_from
+    rsize = RECORD_HEADER.size
+    name_unpack = HEADER_NAME.unpack_from
+    nsize = HEADER_NAME.size
+    hval_unpack = HEADER_VALUE.unpack_from
+    hsize = HEADER_VALUE.size
+    while pos < n:
+        offset, ts, _ts_type, klen, vlen, hcount = unpack(raw, pos)
+        pos += rsize
+        if klen > 0:
+            pos += klen
+        value: bytes | None = None
+        if vlen >= 0:
+            value = raw[pos : pos + vlen]
+            pos += vlen
+        for _ in range(hcount):
+            pos += nsize + name_unpack(raw, pos)[0]
+            (hlen,) = hval_unpack(raw, pos)
+            pos += hsize + (hlen if hlen > 0 else 0)
+        yield offset, ts, value
+
+
 def encode_block(
     raw: bytes,
     *,

@@ -1,0 +1,170 @@
+"""The relational layout of an entity, derived from its JSON Schema, and row conversion.
+
+One table per entity. Columns, in this order:
+
+* ``key`` -- the record key (text, primary key; sorted with ``COLLATE "C"`` semantics, i.e.
+  by code point, which is also Python's ``str`` order);
+* one column per property of the entity's ``data`` schema, in schema order, typed by
+  :func:`column_kind` (string -> text, date-time string -> timestamptz, integer -> bigint,
+  number -> double precision, boolean -> boolean, object/array/untyped -> jsonb);
+* the change that produced the row: ``_version`` (bigint, nullable), ``_topic`` (text),
+  ``_partition`` (integer), ``_offset`` (bigint), ``_ts`` (timestamptz: the event's ``ts``).
+
+Values are converted once, into :class:`Cell` kinds, and the state digest is computed from
+the same canonical forms a target yields when read back (see :mod:`replicator.restore.digest`),
+so "what the backup says" and "what the target holds" compare exactly.
+
+Invariant: ``canonical(kind, to_target(kind, v))`` equals ``canonical(kind, v)`` for every
+target representation below -- tests check it per kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+
+Kind = Literal["text", "timestamptz", "bigint", "double", "boolean", "jsonb"]
+
+META_COLUMNS: tuple[tuple[str, Kind], ...] = (
+    ("_version", "bigint"),
+    ("_topic", "text"),
+    ("_partition", "bigint"),
+    ("_offset", "bigint"),
+    ("_ts", "timestamptz"),
+)
+
+PG_TYPES: dict[Kind, str] = {
+    "text": "text",
+    "timestamptz": "timestamptz",
+    "bigint": "bigint",
+    "double": "double precision",
+    "boolean": "boolean",
+    "jsonb": "jsonb",
+}
+
+SQLITE_TYPES: dict[Kind, str] = {
+    "text": "TEXT",
+    "timestamptz": "TEXT",  # RFC 3339 UTC with microseconds: sortable and readable
+    "bigint": "INTEGER",
+    "double": "REAL",
+    "boolean": "INTEGER",
+    "jsonb": "TEXT",  # canonical JSON (sorted keys)
+}
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO = timedelta(microseconds=1)
+
+
+def column_kind(prop: Mapping[str, Any]) -> Kind:
+    """The column kind of one JSON Schema property (``null`` in a type list is ignored)."""
+    t = prop.get("type")
+    types = [t] if isinstance(t, str) else [x for x in (t or []) if x != "null"]
+    if len(types) != 1:
+        return "jsonb"
+    only = types[0]
+    if only == "string":
+        return "timestamptz" if prop.get("format") == "date-time" else "text"
+    if only == "integer":
+        return "bigint"
+    if only == "number":
+        return "double"
+    if only == "boolean":
+        return "boolean"
+    return "jsonb"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    kind: Kind
+
+
+@dataclass(frozen=True, slots=True)
+class TableLayout:
+    """The table of one entity: ``key``, the data columns, then :data:`META_COLUMNS`."""
+
+    entity: str
+    data_columns: tuple[Column, ...]
+
+    @classmethod
+    def from_schema(cls, entity: str, schema: Mapping[str, Any]) -> TableLayout:
+        props = schema.get("properties") or {}
+        return cls(entity, tuple(Column(n, column_kind(p)) for n, p in props.items()))
+
+    @property
+    def columns(self) -> tuple[Column, ...]:
+        return (
+            Column("key", "text"),
+            *self.data_columns,
+            *(Column(n, k) for n, k in META_COLUMNS),
+        )
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+# -- canonical values (digest) -------------------------------------------------------------
+
+
+def rfc3339_to_micros(value: str) -> int:
+    """RFC 3339 -> microseconds since the epoch (digits beyond microseconds truncated; a leap
+    second ``:60`` counts as ``:59.999999``)."""
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        if value[17:19] != "60":
+            raise
+        dt = datetime.fromisoformat(value[:17] + "59" + value[19:]).replace(microsecond=999999)
+    return (dt - EPOCH) // _MICRO
+
+
+def micros_to_datetime(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
+
+
+def micros_to_text(us: int) -> str:
+    """Microseconds -> ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (the SQLite/JSONL representation)."""
+    return micros_to_datetime(us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_json(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def canonical(kind: Kind, value: Any) -> Any:
+    """The canonical form of a value taken from an event (parsed JSON)."""
+    if value is None:
+        return None
+    if kind == "text":
+        return value
+    if kind == "timestamptz":
+        return rfc3339_to_micros(value)
+    if kind == "bigint":
+        return int(value)
+    if kind == "double":
+        return float(value)
+    if kind == "boolean":
+        return bool(value)
+    return canonical_json(value)
+
+
+def canonical_stored(kind: Kind, value: Any) -> Any:
+    """The canonical form of a value read back from a target.
+
+    Timestamps come as ``datetime`` (PostgreSQL) or RFC 3339 text (SQLite, JSONL); booleans
+    as ``bool`` or ``0/1``; JSON columns as JSON text (``jsonb``/TEXT), never parsed.
+    """
+    if value is None:
+        return None
+    if kind == "timestamptz":
+        if isinstance(value, datetime):
+            return (value - EPOCH) // _MICRO
+        return rfc3339_to_micros(value)
+    if kind == "jsonb":
+        return canonical_json(orjson.loads(value))
+    return canonical(kind, value)

@@ -1,0 +1,465 @@
+"""The restore planner: catalog + requested point -> which bytes to read, up to where.
+
+A pure function (:func:`plan_restore`): no I/O, no clock, so every scenario is a unit test.
+The executor (:mod:`replicator.restore.replay`) only follows the plan.
+
+Per partition the planner builds a **chain**: segments that cover ``[first, end)`` without a
+hole, preferring the store over this host's spool where both hold a range, and the segment
+reaching furthest where several start at or before the chain's position. A hole (a missing
+file) ends the chain there; the hole is kept in the plan and only becomes an error when the
+requested point needs data past it.
+
+Restorable window (the selected entities' partitions):
+
+* ``newest``: the minimum over partitions of what each has durably covered -- the largest
+  watermark of its chain's segments, or its watermark object in the store when that object's
+  ``stored_end`` is inside the chain (an idle partition);
+* ``oldest``: the earliest record timestamp in any chain (nothing older is retained).
+
+Semantics: restoring to T reads, per partition, every record with ``timestamp <= T``
+(segments whose smallest timestamp is above T are not read at all). ``latest`` resolves to
+``newest``. Offsets give per-partition end offsets (exclusive) and must name every partition
+of the selected topics.
+
+Snapshots (a later issue) slot in as another kind of chain link: a link that replaces the
+replay of ``[first, cut)`` with a state load, followed by the same segment reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from replicator.errors import BackupIncompleteError, BadRequestError, PointNotRestorableError
+from replicator.restore.point import AtOffsets, Latest, Point, format_ms
+
+TP = tuple[str, int]
+
+#: Planning estimate of replay speed (events/s) for ``--dry-run``; the real figure is measured.
+REPLAY_EVENTS_PER_S = 150_000
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo:
+    """What the planner needs to know about one segment file."""
+
+    name: str  # store name, or spool path
+    location: str  # "store" | "spool"
+    topic: str
+    partition: int
+    start: int
+    end: int
+    records: int
+    min_ts: int
+    max_ts: int
+    watermark_ms: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatermarkInfo:
+    """A partition's watermark object from the store."""
+
+    topic: str
+    partition: int
+    stored_end: int | None
+    watermark_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Read ``segment``'s records with ``from_offset <= offset < to_offset``."""
+
+    segment: SegmentInfo
+    from_offset: int
+    to_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionPlan:
+    topic: str
+    partition: int
+    entity: str
+    reads: tuple[Read, ...]
+    #: records with ``offset < cut_offset`` (offset restores); ``None`` for time restores
+    cut_offset: int | None
+    #: records with ``timestamp <= cut_ms`` (time restores); ``None`` for offset restores
+    cut_ms: int | None
+    first: int  # first offset the chain covers
+    covered_end: int  # end of the chain
+    newest_ms: int  # newest point this partition has durably covered (0: none)
+
+    @property
+    def events_estimate(self) -> int:
+        return sum(r.segment.records for r in self.reads)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.segment.bytes for r in self.reads)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "entity": self.entity,
+            "cut_offset": self.cut_offset,
+            "cut_time": format_ms(self.cut_ms) if self.cut_ms is not None else None,
+            "covered": [self.first, self.covered_end],
+            "newest_restorable": format_ms(self.newest_ms) if self.newest_ms else None,
+            "files": [
+                {"name": r.segment.name, "location": r.segment.location,
+                 "from": r.from_offset, "to": r.to_offset, "bytes": r.segment.bytes}
+                for r in self.reads
+            ],
+            "events_estimate": self.events_estimate,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    oldest_ms: int | None
+    newest_ms: int | None
+
+    def describe(self) -> str:
+        return f"{format_ms(self.oldest_ms)} .. {format_ms(self.newest_ms)}"
+
+
+@dataclass(frozen=True, slots=True)
+class RestorePlan:
+    point: Point
+    #: the time restored to (``None`` for an offsets restore)
+    at_ms: int | None
+    window: Window
+    entities: tuple[str, ...]
+    partitions: tuple[PartitionPlan, ...]
+    holes: tuple[tuple[TP, int, int], ...] = field(default=())
+
+    @property
+    def events_estimate(self) -> int:
+        return sum(p.events_estimate for p in self.partitions)
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.partitions)
+
+    @property
+    def files(self) -> int:
+        return sum(len(p.reads) for p in self.partitions)
+
+    @property
+    def seconds_estimate(self) -> float:
+        return round(self.events_estimate / REPLAY_EVENTS_PER_S, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": format_ms(self.at_ms) if self.at_ms is not None else None,
+            "at_ms": self.at_ms,
+            "window": {"oldest": format_ms(self.window.oldest_ms),
+                       "newest": format_ms(self.window.newest_ms)},
+            "entities": list(self.entities),
+            "files": self.files,
+            "bytes": self.bytes,
+            "events_estimate": self.events_estimate,
+            "seconds_estimate": self.seconds_estimate,
+            "partitions": [p.to_json() for p in self.partitions],
+        }
+
+
+@dataclass(slots=True)
+class _Chain:
+    segments: list[SegmentInfo]
+    first: int
+    end: int
+    hole: tuple[int, int] | None
+    newest_ms: int
+
+
+def _chain(segs: Sequence[SegmentInfo], wm: WatermarkInfo | None) -> _Chain:
+    """Contiguous segments from the lowest covered offset; see the module docstring."""
+    ordered = sorted(segs, key=lambda s: (s.start, s.location != "store", -s.end))
+    chain: list[SegmentInfo] = []
+    hole: tuple[int, int] | None = None
+    first = ordered[0].start if ordered else ((wm.stored_end or 0) if wm else 0)
+    pos = first
+    i = 0
+    while i < len(ordered):
+        best: SegmentInfo | None = None
+        while i < len(ordered) and ordered[i].start <= pos:
+            s = ordered[i]
+            if s.end > pos and (best is None or s.end > best.end
+                                or (s.end == best.end and best.location != "store"
+                                    and s.location == "store")):
+                best = s
+            i += 1
+        if best is None:
+            if i < len(ordered):
+                hole = (pos, ordered[i].start)
+            break
+        chain.append(best)
+        pos = best.end
+    newest = max((s.watermark_ms for s in chain), default=0)
+    if wm is not None and wm.watermark_ms > newest:
+        stored_end = wm.stored_end
+        if (stored_end is None and not chain) or (stored_end is not None and stored_end <= pos):
+            newest = wm.watermark_ms
+    return _Chain(chain, first, pos, hole, newest)
+
+
+def plan_restore(
+    segments: Iterable[SegmentInfo],
+    watermarks: Iterable[WatermarkInfo],
+    *,
+    topic_entities: Mapping[str, str],
+    point: Point,
+    entities: Sequence[str] | None = None,
+) -> RestorePlan:
+    """Plan a restore of ``entities`` (default: all in ``topic_entities``) to ``point``.
+
+    Raises :class:`BadRequestError` (unknown entity/topic/partition, offsets beyond what is
+    stored), :class:`PointNotRestorableError` (outside the window, or no backup at all) and
+    :class:`BackupIncompleteError` (the point needs data past a missing segment).
+    """
+    known = sorted(set(topic_entities.values()))
+    wanted = list(entities) if entities else known
+    for e in wanted:
+        if e not in known:
+            raise BadRequestError(f"unknown entity {e!r}; known: {', '.join(known)}")
+    topics = {t: e for t, e in topic_entities.items() if e in wanted}
+
+    by_tp: dict[TP, list[SegmentInfo]] = {}
+    for s in segments:
+        if s.topic in topics:
+            by_tp.setdefault((s.topic, s.partition), []).append(s)
+    wms = {(w.topic, w.partition): w for w in watermarks if w.topic in topics}
+    tps = sorted(set(by_tp) | set(wms))
+
+    if isinstance(point, AtOffsets):
+        for tp in point.ends:
+            if tp[0] not in topic_entities:
+                raise BadRequestError(
+                    f"unknown topic {tp[0]!r} in --offsets; "
+                    f"known: {', '.join(sorted(topic_entities))}"
+                )
+        topics = {t: e for t, e in topics.items() if any(tp[0] == t for tp in point.ends)}
+        for tp in point.ends:
+            if tp[0] in topic_entities and tp[0] not in topics:
+                raise BadRequestError(
+                    f"topic {tp[0]!r} in --offsets is not among the selected entities"
+                )
+        tps = [tp for tp in tps if tp[0] in topics]
+        unknown = sorted(set(point.ends) - set(tps))
+        if unknown:
+            raise BadRequestError(
+                "no backup of partition(s) " + ", ".join(f"{t}:{p}" for t, p in unknown)
+            )
+        missing = sorted(tp for tp in tps if tp not in point.ends)
+        if missing:
+            raise BadRequestError(
+                "--offsets must name every partition of the topics it restores; missing "
+                + ", ".join(f"{t}:{p}" for t, p in missing)
+            )
+
+    if not tps:
+        raise PointNotRestorableError(
+            "no backups at all for " + ", ".join(sorted(set(topics.values())) or wanted),
+            oldest_ms=None, newest_ms=None,
+        )
+
+    chains = {tp: _chain(by_tp.get(tp, []), wms.get(tp)) for tp in tps}
+    oldest = min((s.min_ts for c in chains.values() for s in c.segments if s.records),
+                 default=None)
+    newest = min(c.newest_ms for c in chains.values()) or None
+    window = Window(oldest, newest)
+    holes = tuple((tp, c.hole[0], c.hole[1]) for tp, c in chains.items() if c.hole)
+
+    at_ms: int | None
+    if isinstance(point, AtOffsets):
+        at_ms = None
+        for tp, end in point.ends.items():
+            c = chains[tp]
+            if end > c.end:
+                if c.hole:
+                    raise BackupIncompleteError(
+                        f"{tp[0]}:{tp[1]}: offsets [{c.hole[0]}, {c.hole[1]}) are missing "
+                        f"from the backup (a segment file is gone); offset {end} is past it"
+                    )
+                raise BadRequestError(
+                    f"offset {end} for {tp[0]}:{tp[1]} is beyond what is stored "
+                    f"(covered [{c.first}, {c.end}))"
+                )
+            if 0 < end < c.first:
+                raise PointNotRestorableError(
+                    f"offset {end} for {tp[0]}:{tp[1]} is before the oldest retained data "
+                    f"(first stored offset {c.first})",
+                    oldest_ms=oldest, newest_ms=newest,
+                )
+    else:
+        if newest is None:
+            raise PointNotRestorableError(
+                "no point is restorable yet: not every partition has a durable watermark "
+                "(is the replicator running and caught up?)",
+                oldest_ms=oldest, newest_ms=None,
+            )
+        if isinstance(point, Latest) and holes:
+            # the backup holds data past a missing file: "latest" would silently go back
+            tp, a, b = holes[0]
+            raise BackupIncompleteError(
+                f"{tp[0]}:{tp[1]}: offsets [{a}, {b}) are missing from the backup (a segment "
+                f"file is gone), so 'latest' cannot be reached; the newest complete point is "
+                f"{format_ms(newest)} (restore it explicitly with --at if that is acceptable)"
+            )
+        at_ms = newest if isinstance(point, Latest) else point.ts_ms
+        if oldest is not None and at_ms < oldest:
+            raise PointNotRestorableError(
+                f"{format_ms(at_ms)} is before the oldest retained data; "
+                f"restorable window: {window.describe()}",
+                oldest_ms=oldest, newest_ms=newest,
+            )
+        if at_ms > newest:
+            limiting = [tp for tp, c in chains.items() if c.newest_ms == newest]
+            for tp in limiting:
+                c = chains[tp]
+                if c.hole:
+                    raise BackupIncompleteError(
+                        f"{tp[0]}:{tp[1]}: offsets [{c.hole[0]}, {c.hole[1]}) are missing from "
+                        f"the backup (a segment file is gone); the newest complete point is "
+                        f"{format_ms(newest)}"
+                    )
+            raise PointNotRestorableError(
+                f"{format_ms(at_ms)} is after the newest restorable time {format_ms(newest)} "
+                f"(the newest point every partition has durably covered; limited by "
+                + ", ".join(f"{t}:{p}" for t, p in limiting) + ")",
+                oldest_ms=oldest, newest_ms=newest,
+            )
+
+    plans: list[PartitionPlan] = []
+    for tp in tps:
+        c = chains[tp]
+        reads: list[Read] = []
+        pos = c.first
+        cut_offset = point.ends[tp] if isinstance(point, AtOffsets) else None
+        for s in c.segments:
+            lo, hi = max(pos, s.start), s.end
+            pos = hi
+            if cut_offset is not None:
+                if lo >= cut_offset:
+                    break
+                hi = min(hi, cut_offset)
+            elif at_ms is not None and (not s.records or s.min_ts > at_ms):
+                continue
+            if s.records:
+                reads.append(Read(s, lo, hi))
+        plans.append(PartitionPlan(
+            topic=tp[0], partition=tp[1], entity=topics[tp[0]], reads=tuple(reads),
+            cut_offset=cut_offset, cut_ms=at_ms if cut_offset is None else None,
+            first=c.first, covered_end=c.end, newest_ms=c.newest_ms,
+        ))
+    return RestorePlan(
+        point=point, at_ms=at_ms, window=window,
+        entities=tuple(sorted(set(topics.values()))), partitions=tuple(plans), holes=holes,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EntityBackups:
+    """``backups list``: one entity's restorable window and what its backup holds."""
+
+    entity: str
+    window: Window
+    partitions: int
+    segments: int
+    events: int
+    bytes: int
+    holes: tuple[tuple[TP, int, int], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "entity": self.entity,
+            "oldest_restorable": format_ms(self.window.oldest_ms)
+            if self.window.oldest_ms is not None else None,
+            "newest_restorable": format_ms(self.window.newest_ms)
+            if self.window.newest_ms is not None else None,
+            "partitions": self.partitions,
+            "segments": self.segments,
+            "events": self.events,
+            "bytes": self.bytes,
+            "missing_ranges": [
+                {"topic": tp[0], "partition": tp[1], "from": a, "to": b}
+                for tp, a, b in self.holes
+            ],
+        }
+
+
+def describe_backups(
+    segments: Iterable[SegmentInfo],
+    watermarks: Iterable[WatermarkInfo],
+    *,
+    topic_entities: Mapping[str, str],
+) -> list[EntityBackups]:
+    """Per entity: the restorable window (same rules as :func:`plan_restore`) and sizes."""
+    segs = list(segments)
+    wms = list(watermarks)
+    out: list[EntityBackups] = []
+    for entity in sorted(set(topic_entities.values())):
+        topics = {t for t, e in topic_entities.items() if e == entity}
+        by_tp: dict[TP, list[SegmentInfo]] = {}
+        for s in segs:
+            if s.topic in topics:
+                by_tp.setdefault((s.topic, s.partition), []).append(s)
+        wm = {(w.topic, w.partition): w for w in wms if w.topic in topics}
+        tps = sorted(set(by_tp) | set(wm))
+        chains = [_chain(by_tp.get(tp, []), wm.get(tp)) for tp in tps]
+        oldest = min((s.min_ts for c in chains for s in c.segments if s.records), default=None)
+        newest = (min(c.newest_ms for c in chains) or None) if chains else None
+        used = [s for c in chains for s in c.segments]
+        out.append(EntityBackups(
+            entity=entity, window=Window(oldest, newest), partitions=len(tps),
+            segments=len(used), events=sum(s.records for s in used),
+            bytes=sum(s.bytes for s in used),
+            holes=tuple((tp, c.hole[0], c.hole[1]) for tp, c in zip(tps, chains, strict=True)
+                        if c.hole),
+        ))
+    return out
+
+
+def plan_scan(
+    segments: Iterable[SegmentInfo],
+    watermarks: Iterable[WatermarkInfo],
+    *,
+    topic_entities: Mapping[str, str],
+    entity: str,
+    from_ms: int | None = None,
+    to_ms: int | None = None,
+) -> RestorePlan:
+    """Read every stored change of ``entity`` (optionally only timestamps in
+    ``[from_ms, to_ms]``), for ``history`` and ``export``: no restorable-window check."""
+    known = sorted(set(topic_entities.values()))
+    if entity not in known:
+        raise BadRequestError(f"unknown entity {entity!r}; known: {', '.join(known)}")
+    topics = {t for t, e in topic_entities.items() if e == entity}
+    by_tp: dict[TP, list[SegmentInfo]] = {}
+    for s in segments:
+        if s.topic in topics:
+            by_tp.setdefault((s.topic, s.partition), []).append(s)
+    wm = {(w.topic, w.partition): w for w in watermarks if w.topic in topics}
+    plans: list[PartitionPlan] = []
+    for tp in sorted(by_tp):
+        c = _chain(by_tp[tp], wm.get(tp))
+        reads: list[Read] = []
+        pos = c.first
+        for s in c.segments:
+            lo = max(pos, s.start)
+            pos = s.end
+            if not s.records:
+                continue
+            if (to_ms is not None and s.min_ts > to_ms) or (
+                    from_ms is not None and s.max_ts < from_ms):
+                continue
+            reads.append(Read(s, lo, s.end))
+        plans.append(PartitionPlan(
+            topic=tp[0], partition=tp[1], entity=entity, reads=tuple(reads), cut_offset=None,
+            cut_ms=to_ms, first=c.first, covered_end=c.end, newest_ms=c.newest_ms,
+        ))
+    return RestorePlan(point=Latest(), at_ms=to_ms, window=Window(None, None),
+                       entities=(entity,), partitions=tuple(plans))

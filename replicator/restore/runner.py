@@ -1,0 +1,217 @@
+"""Restore executor: catalog -> plan -> replay -> target -> digest check -> commit.
+
+Thin on purpose: the decisions live in :mod:`~replicator.restore.planner` (what to read)
+and :mod:`~replicator.restore.replay` (what state results). Success is only claimed after the
+digest of what the target holds equals the digest derived from the backup; on a mismatch
+the target is aborted (nothing visible) and :class:`DigestMismatchError` is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import replicator
+from replicator.catalog import Catalog
+from replicator.errors import DigestMismatchError
+from replicator.restore.digest import DigestBuilder, StateDigest
+from replicator.restore.layout import TableLayout, canonical
+from replicator.restore.planner import (
+    RestorePlan,
+    SegmentInfo,
+    WatermarkInfo,
+    plan_restore,
+)
+from replicator.restore.point import Point, format_ms
+from replicator.restore.replay import Change, ReplayStats, live_rows, replay
+from replicator.schemas import SchemaRegistry
+from replicator.targets import RestoreRecord, RowIn, Target, open_target
+
+
+async def load_catalog(catalog: Catalog) -> tuple[list[SegmentInfo], list[WatermarkInfo]]:
+    """What the planner needs: every segment (store, then this host's spool) and the
+    store's watermark objects."""
+    entries = await catalog.list(include_spool=True)
+    segs = [
+        SegmentInfo(name=e.name, location=e.location, topic=e.topic, partition=e.partition,
+                    start=e.start, end=e.end, records=e.records, min_ts=e.min_ts,
+                    max_ts=e.max_ts, watermark_ms=e.watermark_ms, bytes=e.bytes)
+        for e in entries
+    ]
+    wms = [
+        WatermarkInfo(d["topic"], d["partition"], d["stored_end"], d["watermark_ms"])
+        for d in await catalog.watermarks()
+    ]
+    return segs, wms
+
+
+async def make_plan(
+    catalog: Catalog, registry: SchemaRegistry, topics: Sequence[str], point: Point,
+    entities: Sequence[str] | None = None,
+) -> RestorePlan:
+    segs, wms = await load_catalog(catalog)
+    topic_entities = {t: t for t in topics if t in registry.entities}
+    return plan_restore(segs, wms, topic_entities=topic_entities, point=point,
+                        entities=entities)
+
+
+async def local_paths(catalog: Catalog, plan: RestorePlan) -> dict[str, Path]:
+    """A local path for every file the plan reads (store objects fetched if remote)."""
+    out: dict[str, Path] = {}
+    for pp in plan.partitions:
+        for r in pp.reads:
+            s = r.segment
+            if s.name in out:
+                continue
+            if s.location == "store":
+                tmp = Path(catalog._tmp) / ("restore-" + s.name.replace("/", "_"))
+                out[s.name] = await catalog.store.fetch_to(s.name, tmp)
+            else:
+                out[s.name] = Path(s.name)
+    return out
+
+
+def event_rows(
+    layout: TableLayout, plan: RestorePlan, changes: dict[str, Change], digest: DigestBuilder
+) -> Iterator[RowIn]:
+    """Live rows in key order with their parsed event; feeds ``digest`` (the backup side)."""
+    cols = [(c.name, c.kind) for c in layout.data_columns]
+    loads = orjson.loads
+    add = digest.add
+    for live in live_rows(plan, changes):
+        event = loads(live.value)
+        data = event.get("data") or {}
+        add(live.key, [canonical(k, data.get(n)) for n, k in cols])
+        yield live, event
+
+
+@dataclass
+class EntityResult:
+    entity: str
+    rows: int
+    expected: StateDigest
+    actual: StateDigest
+
+    @property
+    def ok(self) -> bool:
+        return self.expected == self.actual
+
+    def to_json(self) -> dict[str, Any]:
+        return {"entity": self.entity, "rows": self.rows, "digest": self.actual.hex,
+                "expected_digest": self.expected.hex, "ok": self.ok}
+
+
+@dataclass
+class RestoreReport:
+    restore_id: str
+    plan: RestorePlan
+    location: str
+    results: list[EntityResult] = field(default_factory=list)
+    events: int = 0
+    replay_seconds: float = 0.0
+    load_seconds: float = 0.0
+    seconds: float = 0.0
+    schema: str | None = None
+    replaced_schema: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "restore_id": self.restore_id,
+            "ok": all(r.ok for r in self.results),
+            "target": self.location,
+            "schema": self.schema,
+            "replaced_schema": self.replaced_schema,
+            "at": format_ms(self.plan.at_ms) if self.plan.at_ms is not None else None,
+            "cut": cut_json(self.plan),
+            "events_replayed": self.events,
+            "entities": [r.to_json() for r in self.results],
+            "seconds": round(self.seconds, 3),
+            "replay_seconds": round(self.replay_seconds, 3),
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+def cut_json(plan: RestorePlan) -> list[dict[str, Any]]:
+    return [
+        {"topic": p.topic, "partition": p.partition,
+         "end_offset": p.cut_offset, "at": format_ms(p.cut_ms) if p.cut_ms is not None else None}
+        for p in plan.partitions
+    ]
+
+
+def default_schema_name(plan: RestorePlan) -> str:
+    stamp = plan.at_ms if plan.at_ms is not None else int(time.time() * 1000)
+    return "restore_" + time.strftime("%Y%m%d_%H%M%S", time.gmtime(stamp / 1000))
+
+
+async def execute_restore(
+    catalog: Catalog,
+    registry: SchemaRegistry,
+    plan: RestorePlan,
+    target_url: str,
+    *,
+    keys: Collection[str] | None = None,
+    replace: bool = False,
+    swap_into: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    target: Target | None = None,
+) -> RestoreReport:
+    """Run ``plan`` into ``target_url``; raises before anything is visible on any failure."""
+    t0 = time.monotonic()
+    started = format_ms(int(time.time() * 1000))
+    restore_id = time.strftime("%Y%m%d%H%M%S") + "_" + uuid.uuid4().hex[:6]
+    if target is None:
+        target = open_target(target_url, restore_id=restore_id,
+                             default_schema=default_schema_name(plan), swap_into=swap_into)
+    report = RestoreReport(restore_id, plan, target.location)
+    await target.open(replace=replace)
+    try:
+        paths = await local_paths(catalog, plan)
+        stats = ReplayStats()
+        state = await asyncio.to_thread(
+            replay, plan, lambda s: paths[s.name], keys=keys, stats=stats, progress=progress)
+        report.events = stats.events
+        t1 = time.monotonic()
+        report.replay_seconds = t1 - t0
+        expected: dict[str, DigestBuilder] = {}
+        counts: dict[str, int] = {}
+        for entity in plan.entities:
+            layout = TableLayout.from_schema(entity, registry.json_schema(entity))
+            d = expected[entity] = DigestBuilder(entity)
+            counts[entity] = await target.write(layout, event_rows(layout, plan, state[entity], d))
+            state[entity] = {}  # free as we go
+        report.load_seconds = time.monotonic() - t1
+        for entity in plan.entities:
+            layout = TableLayout.from_schema(entity, registry.json_schema(entity))
+            actual = await target.read_digest(layout)
+            report.results.append(
+                EntityResult(entity, counts[entity], expected[entity].result(), actual))
+        bad = [r for r in report.results if not r.ok]
+        if bad:
+            raise DigestMismatchError(
+                "digest mismatch, nothing committed: " + "; ".join(
+                    f"{r.entity}: backup says {r.expected}, target holds {r.actual}" for r in bad)
+            )
+        await target.record(RestoreRecord(
+            restore_id=restore_id,
+            at=format_ms(plan.at_ms) if plan.at_ms is not None else None,
+            at_ms=plan.at_ms, cut=cut_json(plan), counts=counts,
+            digests={r.entity: str(r.actual) for r in report.results},
+            started_at=started, finished_at=format_ms(int(time.time() * 1000)),
+            replicator_version=replicator.__version__,
+        ))
+        await target.commit()
+    except BaseException:
+        await target.abort()
+        raise
+    report.schema = getattr(target, "final_schema", None)
+    report.replaced_schema = getattr(target, "replaced_schema", None)
+    report.seconds = time.monotonic() - t0
+    return report

@@ -1,0 +1,199 @@
+"""SQLite target (``sqlite:///absolute/path.db``): the embedded default.
+
+Layout: one table per entity (``WITHOUT ROWID``, ``key`` primary key) with the columns of
+:class:`~replicator.restore.layout.TableLayout` -- timestamps as RFC 3339 UTC text with
+microseconds, booleans as 0/1, JSON as canonical text -- plus ``replicator_restores``.
+
+Atomicity: everything is written into ``.<name>.tmp-restore-<id>`` beside the destination
+(journal off: the file is scratch until it is complete), fsync'd, then renamed over the
+destination and the directory fsync'd. A crash leaves at most a temp file, swept by the next
+restore into the same path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from replicator.errors import TargetError
+from replicator.restore.digest import DigestBuilder, StateDigest
+from replicator.restore.layout import (
+    SQLITE_TYPES,
+    TableLayout,
+    canonical_json,
+    canonical_stored,
+    micros_to_text,
+    rfc3339_to_micros,
+)
+from replicator.storage.local import fsync_dir
+from replicator.targets.base import RestoreRecord, RowIn
+
+RESTORES_TABLE = "replicator_restores"
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _ts_text(value: str) -> str:
+    return micros_to_text(rfc3339_to_micros(value))
+
+
+def sqlite_converters(layout: TableLayout) -> list[tuple[str, Any]]:
+    """Per data column: (name, converter from the event's JSON value to the stored value)."""
+    conv: list[tuple[str, Any]] = []
+    for c in layout.data_columns:
+        if c.kind == "timestamptz":
+            conv.append((c.name, _ts_text))
+        elif c.kind == "boolean":
+            conv.append((c.name, int))
+        elif c.kind == "double":
+            conv.append((c.name, float))
+        elif c.kind == "jsonb":
+            conv.append((c.name, canonical_json))
+        else:
+            conv.append((c.name, None))
+    return conv
+
+
+def create_table_sql(layout: TableLayout) -> str:
+    cols = ", ".join(
+        f"{_q(c.name)} {SQLITE_TYPES[c.kind]}"
+        + (" PRIMARY KEY NOT NULL" if c.name == "key" else "")
+        for c in layout.columns
+    )
+    return f"CREATE TABLE {_q(layout.entity)} ({cols}) WITHOUT ROWID"
+
+
+def sqlite_rows(layout: TableLayout, rows: Iterable[RowIn]) -> Iterable[tuple[Any, ...]]:
+    conv = sqlite_converters(layout)
+    for live, event in rows:
+        data = event.get("data") or {}
+        vals: list[Any] = [live.key]
+        for name, f in conv:
+            v = data.get(name)
+            vals.append(None if v is None else (f(v) if f is not None else v))
+        ts = event.get("ts")
+        vals.extend((event.get("version"), live.topic, live.partition, live.offset,
+                     _ts_text(ts) if isinstance(ts, str) else None))
+        yield tuple(vals)
+
+
+class SqliteTarget:
+    def __init__(self, path: Path, restore_id: str) -> None:
+        self.path = path
+        self.location = f"sqlite:///{path}"
+        self._tmp = path.with_name(f".{path.name}.tmp-restore-{restore_id}")
+        self._conn: sqlite3.Connection | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self, *, replace: bool) -> None:
+        await asyncio.to_thread(self._open_sync, replace)
+
+    def _open_sync(self, replace: bool) -> None:
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise TargetError(f"{self.location}: directory {parent} does not exist")
+        for leftover in parent.glob(f".{self.path.name}.tmp-restore-*"):
+            leftover.unlink(missing_ok=True)  # an interrupted earlier restore
+        if self.path.exists() and not replace and self._holds_data(self.path):
+            raise TargetError(
+                f"{self.location} already holds data; choose another file or pass --replace "
+                "(the file is replaced atomically once the restore is verified)"
+            )
+        try:
+            conn = sqlite3.connect(self._tmp, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=OFF")
+            conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("PRAGMA cache_size=-200000")
+            conn.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise TargetError(f"{self.location}: cannot create {self._tmp}: {exc}") from None
+        self._conn = conn
+
+    @staticmethod
+    def _holds_data(path: Path) -> bool:
+        try:
+            if path.stat().st_size == 0:
+                return False
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+                tables = [r[0] for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table'")]
+                return bool(tables)
+        except sqlite3.DatabaseError:
+            return True  # not a database we can read: certainly not ours to overwrite
+
+    def _c(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise TargetError(f"{self.location}: not open")
+        return self._conn
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def write(self, layout: TableLayout, rows: Iterable[RowIn]) -> int:
+        return await asyncio.to_thread(self._write_sync, layout, rows)
+
+    def _write_sync(self, layout: TableLayout, rows: Iterable[RowIn]) -> int:
+        conn = self._c()
+        conn.execute(create_table_sql(layout))
+        marks = ", ".join("?" * len(layout.columns))
+        cur = conn.executemany(f"INSERT INTO {_q(layout.entity)} VALUES ({marks})",
+                               sqlite_rows(layout, rows))
+        return cur.rowcount
+
+    async def read_digest(self, layout: TableLayout) -> StateDigest:
+        return await asyncio.to_thread(self._digest_sync, layout)
+
+    def _digest_sync(self, layout: TableLayout) -> StateDigest:
+        conn = self._c()
+        kinds = [c.kind for c in layout.data_columns]
+        cols = ", ".join(_q(c.name) for c in (layout.columns[0], *layout.data_columns))
+        d = DigestBuilder(layout.entity)
+        for row in conn.execute(f"SELECT {cols} FROM {_q(layout.entity)}"):
+            d.add(row[0], [canonical_stored(k, v) for k, v in zip(kinds, row[1:], strict=True)])
+        return d.result()
+
+    async def record(self, rec: RestoreRecord) -> None:
+        conn = self._c()
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {RESTORES_TABLE} (restore_id TEXT PRIMARY KEY, "
+            "at TEXT, at_ms INTEGER, cut TEXT, counts TEXT, digests TEXT, started_at TEXT, "
+            "finished_at TEXT, replicator_version TEXT)"
+        )
+        conn.execute(
+            f"INSERT INTO {RESTORES_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (rec.restore_id, rec.at, rec.at_ms, orjson.dumps(rec.cut).decode(),
+             orjson.dumps(rec.counts).decode(), orjson.dumps(rec.digests).decode(),
+             rec.started_at, rec.finished_at, rec.replicator_version),
+        )
+
+    async def commit(self) -> None:
+        await asyncio.to_thread(self._commit_sync)
+
+    def _commit_sync(self) -> None:
+        conn = self._c()
+        conn.execute("COMMIT")
+        conn.close()
+        self._conn = None
+        fd = os.open(self._tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self._tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    async def abort(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+        self._tmp.unlink(missing_ok=True)
