@@ -114,6 +114,7 @@ class TableLayout:
 def rfc3339_to_micros(value: str) -> int:
     """RFC 3339 -> microseconds since the epoch (digits beyond microseconds truncated; a leap
     second ``:60`` counts as ``:59.999999``)."""
+    value = value.upper()  # RFC 3339 allows "t" and "z"; fromisoformat does not
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:
@@ -128,8 +129,32 @@ def micros_to_datetime(us: int) -> datetime:
 
 
 def micros_to_text(us: int) -> str:
-    """Microseconds -> ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (the SQLite/JSONL representation)."""
+    """Microseconds -> ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (the SQLite representation)."""
     return micros_to_datetime(us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def ts_text(value: str) -> str:
+    """RFC 3339 -> ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` in UTC: the canonical timestamp text.
+
+    Fast path (string slicing, no parsing) for UTC times without a leap second, which is
+    what publishers send; anything else goes through :func:`rfc3339_to_micros`. Digits beyond
+    microseconds are truncated, like PostgreSQL's input of a ``datetime``.
+    """
+    n = len(value)
+    if n >= 20 and value[-1] in "Zz" and value[17:19] != "60":
+        if n == 20:
+            return value[:10] + "T" + value[11:19] + ".000000Z"
+        if value[19] == ".":
+            frac = value[20:-1]
+            return value[:10] + "T" + value[11:19] + "." + (frac + "000000")[:6] + "Z"
+    return micros_to_text(rfc3339_to_micros(value))
+
+
+def datetime_text(dt: datetime) -> str:
+    """An aware ``datetime`` (as PostgreSQL returns) -> the canonical timestamp text."""
+    if dt.utcoffset():
+        dt = dt.astimezone(UTC)
+    return dt.isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def canonical_json(value: Any) -> str:
@@ -143,7 +168,7 @@ def canonical(kind: Kind, value: Any) -> Any:
     if kind == "text":
         return value
     if kind == "timestamptz":
-        return rfc3339_to_micros(value)
+        return ts_text(value)
     if kind == "bigint":
         return int(value)
     if kind == "double":
@@ -163,8 +188,8 @@ def canonical_stored(kind: Kind, value: Any) -> Any:
         return None
     if kind == "timestamptz":
         if isinstance(value, datetime):
-            return (value - EPOCH) // _MICRO
-        return rfc3339_to_micros(value)
+            return datetime_text(value)
+        return ts_text(value)
     if kind == "jsonb":
         return canonical_json(orjson.loads(value))
     return canonical(kind, value)

@@ -38,6 +38,11 @@ _REL_PART = re.compile(r"(\d+)([smhdw])")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 
+def _is_digits(s: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts characters ``int()`` refuses (``²``)."""
+    return s.isascii() and s.isdigit()
+
+
 @dataclass(frozen=True, slots=True)
 class AtTime:
     """Restore to a time: records with timestamp ``<= ts_ms``."""
@@ -65,7 +70,7 @@ def parse_time(text: str, *, now_ms: int | None = None) -> int:
     s = text.strip()
     if s.startswith("@"):
         digits = s[1:]
-        if not digits.isdigit():
+        if not _is_digits(digits):
             raise BadRequestError(
                 f"malformed time {text!r}: expected @<epoch ms>; accepted: {ACCEPTED}"
             )
@@ -106,7 +111,8 @@ def parse_offsets(text: str) -> AtOffsets:
         if not item:
             continue
         parts = item.rsplit(":", 2)
-        if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
+        if (len(parts) != 3 or not parts[0] or not _is_digits(parts[1])
+                or not _is_digits(parts[2])):
             raise BadRequestError(
                 f"malformed offset {item!r}: expected topic:partition:offset "
                 "(end offset, exclusive), e.g. attendance:0:1500"

@@ -29,8 +29,7 @@ from replicator.restore.layout import (
     TableLayout,
     canonical_json,
     canonical_stored,
-    micros_to_text,
-    rfc3339_to_micros,
+    ts_text,
 )
 from replicator.storage.local import fsync_dir
 from replicator.targets.base import RestoreRecord, RowIn
@@ -42,16 +41,12 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _ts_text(value: str) -> str:
-    return micros_to_text(rfc3339_to_micros(value))
-
-
 def sqlite_converters(layout: TableLayout) -> list[tuple[str, Any]]:
     """Per data column: (name, converter from the event's JSON value to the stored value)."""
     conv: list[tuple[str, Any]] = []
     for c in layout.data_columns:
         if c.kind == "timestamptz":
-            conv.append((c.name, _ts_text))
+            conv.append((c.name, ts_text))
         elif c.kind == "boolean":
             conv.append((c.name, int))
         elif c.kind == "double":
@@ -82,7 +77,7 @@ def sqlite_rows(layout: TableLayout, rows: Iterable[RowIn]) -> Iterable[tuple[An
             vals.append(None if v is None else (f(v) if f is not None else v))
         ts = event.get("ts")
         vals.extend((event.get("version"), live.topic, live.partition, live.offset,
-                     _ts_text(ts) if isinstance(ts, str) else None))
+                     ts_text(ts) if isinstance(ts, str) else None))
         yield tuple(vals)
 
 
