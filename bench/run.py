@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -139,6 +140,34 @@ def rpo_subprocess(bootstrap: str, workdir: Path, args: argparse.Namespace) -> d
     return result
 
 
+def restore_subprocess(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The restore section in a fresh process, against a private PostgreSQL (pg.sh)."""
+    root = Path(__file__).resolve().parent.parent
+    pg_dir = workdir / "pg"
+    dsn = os.environ.get("REPLICATOR_BENCH_PG_DSN", "").strip()
+    if not dsn:
+        log("starting a private PostgreSQL (deploy/postgres/pg.sh)")
+        dsn = subprocess.run(
+            ["bash", str(root / "deploy" / "postgres" / "pg.sh"), "start", "--dir", str(pg_dir)],
+            stdout=subprocess.PIPE, text=True, check=True,
+        ).stdout.strip().splitlines()[-1]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.restore_bench", "--pg-dsn", dsn, "--workdir",
+             str(workdir), "--keys", str(args.restore_keys), "--events",
+             str(args.restore_events), "--seed", str(args.seed)],
+            cwd=root, stdout=subprocess.PIPE, text=True, check=False,
+        )
+    finally:
+        if pg_dir.exists():
+            subprocess.run(["bash", str(root / "deploy" / "postgres" / "pg.sh"), "stop",
+                            "--dir", str(pg_dir)], check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.restore_bench exited {proc.returncode}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def _table(results: dict[str, Any]) -> None:
     rows: list[tuple[str, str, str]] = []
     ing = results["sections"].get("ingest")
@@ -158,6 +187,23 @@ def _table(results: dict[str, Any]) -> None:
                                        f"replicator {ing['replicator_cpu_us_per_event']}"),
             ("ingest", "bytes_per_event", f"{ing['bytes_per_event']:.4f} (goal <= 0.3)"),
         ]
+    rst = results["sections"].get("restore")
+    if rst:
+        rows += [
+            ("restore", "history", f"{rst['keys']:,} keys, {rst['events']:,} events"),
+            ("restore", "pg_rows_per_s", f"{rst['pg_rows_per_s']:,} (replay "
+                                         f"{rst['pg_replay_seconds']}s, load "
+                                         f"{rst['pg_load_seconds']}s)"),
+            ("restore", "copy_rows_per_s", f"{rst['copy_rows_per_s']:,} (bare binary COPY)"),
+            ("restore", "pg_ratio", f"{rst['pg_ratio']:.3f} (goal >= 0.75)"),
+            ("restore", "sqlite_rows_per_s", f"{rst['sqlite_rows_per_s']:,} vs bare "
+                                             f"{rst['sqlite_bare_rows_per_s']:,}"),
+            ("restore", "sqlite_ratio", f"{rst['sqlite_ratio']:.3f} (goal >= 0.6)"),
+        ]
+        if "restore_seconds_by_history" in rst:
+            rows.append(("restore", "seconds by history",
+                         ", ".join(f"{k} {v}s" for k, v in
+                                   rst["restore_seconds_by_history"].items())))
     rpo = results["sections"].get("rpo")
     if rpo:
         rows += [
@@ -211,6 +257,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="replicator-bench-"))
     stop_broker = None
     try:
+        if "restore" in sections:
+            results["sections"]["restore"] = restore_subprocess(workdir, args)
+        if not {"ingest", "rpo"} & set(sections):
+            return results
         bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
         local = not bootstrap
         if local:
@@ -231,12 +281,12 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         if "rpo" in sections:
             results["sections"]["rpo"] = rpo_subprocess(bootstrap, workdir, args)
     finally:
+        results["machine"]["loadavg_end"] = list(os.getloadavg())
+        results["duration_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)
         if stop_broker is not None:
             log("stopping the local broker")
             await asyncio.to_thread(stop_broker)
         shutil.rmtree(workdir, ignore_errors=True)
-    results["machine"]["loadavg_end"] = list(os.getloadavg())
-    results["duration_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)
     return results
 
 
@@ -247,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rpo-rate", type=float, default=20_000)
     p.add_argument("--rpo-seconds", type=float, default=25)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--sections", default="ingest,rpo")
+    p.add_argument("--sections", default="ingest,rpo,restore")
+    p.add_argument("--restore-keys", type=int, default=1_000_000)
+    p.add_argument("--restore-events", type=int, default=5_000_000)
     p.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "latest.json")
     p.add_argument("--quick", action="store_true",
@@ -255,7 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.events, args.rounds, args.rpo_seconds = 200_000, 1, 8
+        args.restore_keys, args.restore_events = 50_000, 250_000
     results = asyncio.run(amain(args))
+    # sections not run this time keep their previous figures (each says when it was measured)
+    for sec in results["sections"].values():
+        sec.setdefault("measured_at", results["date"])
+    if args.out.exists():
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            previous = json.loads(args.out.read_text())
+            for name, sec in previous.get("sections", {}).items():
+                if name not in results["sections"]:
+                    sec.setdefault("measured_at", previous.get("date"))
+                    results["sections"][name] = sec
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2, default=str)
     tmp = args.out.with_suffix(".json.tmp")
