@@ -14,7 +14,6 @@ The text form is ``<count>:<32 hex digits>``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
@@ -51,8 +50,8 @@ class DigestBuilder:
         self.count = 0
         self._acc = 0
 
-    def add(self, key: str, canonical_values: Iterable[Any]) -> None:
-        h = blake2b(orjson.dumps([key, *canonical_values]), digest_size=16).digest()
+    def add(self, key: str, canonical_values: tuple[Any, ...]) -> None:
+        h = blake2b(orjson.dumps((key, *canonical_values)), digest_size=16).digest()
         self._acc = (self._acc + int.from_bytes(h, "big")) & _MASK
         self.count += 1
 

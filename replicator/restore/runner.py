@@ -22,7 +22,7 @@ import replicator
 from replicator.catalog import Catalog
 from replicator.errors import DigestMismatchError
 from replicator.restore.digest import DigestBuilder, StateDigest
-from replicator.restore.layout import TableLayout, canonical
+from replicator.restore.layout import CANONICAL, TableLayout, compile_row
 from replicator.restore.planner import (
     RestorePlan,
     SegmentInfo,
@@ -82,13 +82,12 @@ def event_rows(
     layout: TableLayout, plan: RestorePlan, changes: dict[str, Change], digest: DigestBuilder
 ) -> Iterator[RowIn]:
     """Live rows in key order with their parsed event; feeds ``digest`` (the backup side)."""
-    cols = [(c.name, c.kind) for c in layout.data_columns]
+    canon = compile_row(layout.data_columns, CANONICAL, source="mapping")
     loads = orjson.loads
     add = digest.add
     for live in live_rows(plan, changes):
         event = loads(live.value)
-        data = event.get("data") or {}
-        add(live.key, [canonical(k, data.get(n)) for n, k in cols])
+        add(live.key, canon(event.get("data") or {}))
         yield live, event
 
 

@@ -20,7 +20,7 @@ import orjson
 
 from replicator.errors import TargetError
 from replicator.restore.digest import DigestBuilder, StateDigest
-from replicator.restore.layout import TableLayout, canonical
+from replicator.restore.layout import CANONICAL, TableLayout, compile_row
 from replicator.storage.local import fsync_dir
 from replicator.targets.base import RestoreRecord, RowIn
 
@@ -75,12 +75,11 @@ class JsonlTarget:
 
     def _digest_sync(self, layout: TableLayout) -> StateDigest:
         d = DigestBuilder(layout.entity)
-        cols = layout.data_columns
+        canon = compile_row(layout.data_columns, CANONICAL, source="mapping")
         with open(self._file(layout.entity), "rb") as f:
             for line in f:
                 row = orjson.loads(line)
-                data = row.get("data") or {}
-                d.add(row["key"], [canonical(c.kind, data.get(c.name)) for c in cols])
+                d.add(row["key"], canon(row.get("data") or {}))
         return d.result()
 
     async def record(self, rec: RestoreRecord) -> None:

@@ -24,9 +24,12 @@ import orjson
 from replicator.errors import TargetError
 from replicator.restore.digest import DigestBuilder, StateDigest
 from replicator.restore.layout import (
+    CANONICAL_STORED,
     PG_TYPES,
+    Converter,
+    Kind,
     TableLayout,
-    canonical_stored,
+    compile_row,
     micros_to_datetime,
     rfc3339_to_micros,
 )
@@ -78,27 +81,23 @@ def _json_text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+#: event value -> the Python value asyncpg's binary codec takes, per kind
+PG_CONVERT: dict[Kind, Converter | None] = {
+    "text": None,
+    "timestamptz": _ts,
+    "bigint": None,
+    "double": float,
+    "boolean": None,
+    "jsonb": _json_text,
+}
+
+
 def pg_rows(layout: TableLayout, rows: Iterable[RowIn]) -> Iterator[tuple[Any, ...]]:
-    conv: list[tuple[str, Any]] = []
-    for c in layout.data_columns:
-        f: Any = None
-        if c.kind == "timestamptz":
-            f = _ts
-        elif c.kind == "double":
-            f = float
-        elif c.kind == "jsonb":
-            f = _json_text
-        conv.append((c.name, f))
+    conv = compile_row(layout.data_columns, PG_CONVERT, source="mapping")
     for live, event in rows:
-        data = event.get("data") or {}
-        vals: list[Any] = [live.key]
-        for name, fn in conv:
-            v = data.get(name)
-            vals.append(None if v is None else (fn(v) if fn is not None else v))
         ts = event.get("ts")
-        vals.extend((event.get("version"), live.topic, live.partition, live.offset,
-                     _ts(ts) if isinstance(ts, str) else None))
-        yield tuple(vals)
+        yield (live.key, *conv(event.get("data") or {}), event.get("version"), live.topic,
+               live.partition, live.offset, _ts(ts) if isinstance(ts, str) else None)
 
 
 def create_table_sql(schema: str, layout: TableLayout) -> str:
@@ -175,13 +174,14 @@ class PostgresTarget:
 
     async def read_digest(self, layout: TableLayout) -> StateDigest:
         conn = self._c()
-        kinds = [c.kind for c in layout.data_columns]
+        canon = compile_row(layout.data_columns, CANONICAL_STORED, source="sequence", offset=1)
         cols = ", ".join(_q(c.name) for c in (layout.columns[0], *layout.data_columns))
         d = DigestBuilder(layout.entity)
+        add = d.add
         async for row in conn.cursor(
-            f"SELECT {cols} FROM {_q(self.schema)}.{_q(layout.entity)}", prefetch=20000
+            f"SELECT {cols} FROM {_q(self.schema)}.{_q(layout.entity)}", prefetch=50000
         ):
-            d.add(row[0], [canonical_stored(k, v) for k, v in zip(kinds, row[1:], strict=True)])
+            add(row[0], canon(row))
         return d.result()
 
     async def record(self, rec: RestoreRecord) -> None:

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,13 @@ import orjson
 from replicator.errors import TargetError
 from replicator.restore.digest import DigestBuilder, StateDigest
 from replicator.restore.layout import (
+    CANONICAL_STORED,
     SQLITE_TYPES,
+    Converter,
+    Kind,
     TableLayout,
     canonical_json,
-    canonical_stored,
+    compile_row,
     ts_text,
 )
 from replicator.storage.local import fsync_dir
@@ -41,21 +44,15 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def sqlite_converters(layout: TableLayout) -> list[tuple[str, Any]]:
-    """Per data column: (name, converter from the event's JSON value to the stored value)."""
-    conv: list[tuple[str, Any]] = []
-    for c in layout.data_columns:
-        if c.kind == "timestamptz":
-            conv.append((c.name, ts_text))
-        elif c.kind == "boolean":
-            conv.append((c.name, int))
-        elif c.kind == "double":
-            conv.append((c.name, float))
-        elif c.kind == "jsonb":
-            conv.append((c.name, canonical_json))
-        else:
-            conv.append((c.name, None))
-    return conv
+#: event value -> stored value, per kind
+SQLITE_CONVERT: dict[Kind, Converter | None] = {
+    "text": None,
+    "timestamptz": ts_text,
+    "bigint": None,
+    "double": float,
+    "boolean": int,
+    "jsonb": canonical_json,
+}
 
 
 def create_table_sql(layout: TableLayout) -> str:
@@ -67,18 +64,12 @@ def create_table_sql(layout: TableLayout) -> str:
     return f"CREATE TABLE {_q(layout.entity)} ({cols}) WITHOUT ROWID"
 
 
-def sqlite_rows(layout: TableLayout, rows: Iterable[RowIn]) -> Iterable[tuple[Any, ...]]:
-    conv = sqlite_converters(layout)
+def sqlite_rows(layout: TableLayout, rows: Iterable[RowIn]) -> Iterator[tuple[Any, ...]]:
+    conv = compile_row(layout.data_columns, SQLITE_CONVERT, source="mapping")
     for live, event in rows:
-        data = event.get("data") or {}
-        vals: list[Any] = [live.key]
-        for name, f in conv:
-            v = data.get(name)
-            vals.append(None if v is None else (f(v) if f is not None else v))
         ts = event.get("ts")
-        vals.extend((event.get("version"), live.topic, live.partition, live.offset,
-                     ts_text(ts) if isinstance(ts, str) else None))
-        yield tuple(vals)
+        yield (live.key, *conv(event.get("data") or {}), event.get("version"), live.topic,
+               live.partition, live.offset, ts_text(ts) if isinstance(ts, str) else None)
 
 
 class SqliteTarget:
@@ -149,11 +140,12 @@ class SqliteTarget:
 
     def _digest_sync(self, layout: TableLayout) -> StateDigest:
         conn = self._c()
-        kinds = [c.kind for c in layout.data_columns]
+        canon = compile_row(layout.data_columns, CANONICAL_STORED, source="sequence", offset=1)
         cols = ", ".join(_q(c.name) for c in (layout.columns[0], *layout.data_columns))
         d = DigestBuilder(layout.entity)
+        add = d.add
         for row in conn.execute(f"SELECT {cols} FROM {_q(layout.entity)}"):
-            d.add(row[0], [canonical_stored(k, v) for k, v in zip(kinds, row[1:], strict=True)])
+            add(row[0], canon(row))
         return d.result()
 
     async def record(self, rec: RestoreRecord) -> None:
