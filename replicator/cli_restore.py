@@ -247,7 +247,7 @@ def get(ctx: click.Context, entity: str, key: str, at_text: str, as_json: bool) 
         else:
             click.echo(f"{entity} {key!r} did not exist at {at} ({what})")
         sys.exit(1)
-    _version, ts, rank, off, value = change
+    _version, ts, rank, off, value, _k, _h = change
     pp = plan.partitions[rank]
     event = orjson.loads(value)
     doc = {"entity": entity, "key": key, "at": at, "exists": True,

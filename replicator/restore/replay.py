@@ -41,8 +41,10 @@ class _Head(msgspec.Struct, gc=False):
 
 _decode_head = msgspec.json.Decoder(_Head).decode
 
-#: A key's winning change: (version or -1, timestamp ms, partition rank, offset, value or None)
-Change = tuple[int, int, int, int, bytes | None]
+#: A key's winning change: (version or -1, timestamp ms, partition rank, offset, value or
+#: None for a delete, Kafka key bytes, encoded headers) -- the last two only with
+#: ``keep_record=True`` (re-publishing needs them), else ``None`` and ``b""``.
+Change = tuple[int, int, int, int, bytes | None, bytes | None, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,8 @@ class LiveRow:
     partition: int
     offset: int
     ts_ms: int
+    kafka_key: bytes | None = None
+    headers_raw: bytes = b""
 
 
 @dataclass(slots=True)
@@ -75,6 +79,7 @@ def _replay_partition(
     keys: Collection[str] | None,
     stats: ReplayStats,
     progress: Progress | None,
+    keep_record: bool = False,
 ) -> dict[str, Change]:
     """The last change per key of one partition. The hot loop of a restore: record framing
     is parsed inline (see docs/FORMAT.md), headers are skipped by comparing with the
@@ -106,7 +111,10 @@ def _replay_partition(
                 while pos < size:
                     off, ts, _tt, klen, vlen, hcount = unpack(raw, pos)
                     pos += rsize
-                    if klen > 0:
+                    kbytes: bytes | None = None
+                    if klen >= 0:
+                        if keep_record:
+                            kbytes = raw[pos : pos + klen]
                         pos += klen
                     value: bytes | None = None
                     if vlen >= 0:
@@ -143,7 +151,8 @@ def _replay_partition(
                         continue
                     version = head.version
                     out[key] = (-1 if version is None else version, ts, rank, off,
-                                None if head.op == "delete" else value)
+                                None if head.op == "delete" else value, kbytes,
+                                last_hdr if keep_record and hcount else b"")
                 stats.events += n
                 stats.bytes += meta.size
                 if progress is not None:
@@ -163,12 +172,16 @@ def replay(
     keys: Collection[str] | None = None,
     stats: ReplayStats | None = None,
     progress: Progress | None = None,
+    keep_record: bool = False,
 ) -> dict[str, dict[str, Change]]:
-    """Per entity, the winning change per key (tombstones included). Runs in a thread."""
+    """Per entity, the winning change per key (tombstones included). Runs in a thread.
+
+    ``keep_record`` also keeps each winner's Kafka key and encoded headers (shared bytes
+    when consecutive records carry the same headers) for targets that re-publish."""
     stats = stats if stats is not None else ReplayStats()
     state: dict[str, dict[str, Change]] = {e: {} for e in plan.entities}
     for rank, pp in enumerate(plan.partitions):
-        local = _replay_partition(pp, rank, opener, keys, stats, progress)
+        local = _replay_partition(pp, rank, opener, keys, stats, progress, keep_record)
         merged = state[pp.entity]
         if not merged:
             merged.update(local)
@@ -184,11 +197,11 @@ def live_rows(plan: RestorePlan, changes: dict[str, Change]) -> Iterator[LiveRow
     """The live keys of one entity in key order (code point order), tombstones dropped."""
     parts = plan.partitions
     for key in sorted(changes):
-        _v, ts, rank, off, value = changes[key]
+        _v, ts, rank, off, value, kkey, hdrs = changes[key]
         if value is None:
             continue
         pp = parts[rank]
-        yield LiveRow(key, value, pp.topic, pp.partition, off, ts)
+        yield LiveRow(key, value, pp.topic, pp.partition, off, ts, kkey, hdrs)
 
 
 def live_count(changes: dict[str, Change]) -> int:
@@ -197,13 +210,15 @@ def live_count(changes: dict[str, Change]) -> int:
 
 @dataclass(frozen=True, slots=True)
 class ChangeRecord:
-    """One stored change event and where it is (``history``/``export``)."""
+    """One stored change event and where it is (``history``/``export``/re-publishing)."""
 
     topic: str
     partition: int
     offset: int
     ts_ms: int
     value: bytes
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 def scan(
@@ -213,9 +228,12 @@ def scan(
     key: str | None = None,
     from_ms: int | None = None,
     to_ms: int | None = None,
+    keys: Collection[str] | None = None,
 ) -> Iterator[ChangeRecord]:
     """Every change the plan reads (partition by partition, offset order), optionally only
-    one key's and only timestamps within ``[from_ms, to_ms]``."""
+    one key's (or ``keys``') and only timestamps within ``[from_ms, to_ms]``."""
+    if key is not None:
+        keys = {key}
     for pp in plan.partitions:
         for read in pp.reads:
             path = opener(read.segment)
@@ -226,7 +244,8 @@ def scan(
                     if (to_ms is not None and meta.min_ts > to_ms) or (
                             from_ms is not None and meta.max_ts < from_ms):
                         continue
-                    for off, ts, value in fmt.iter_values(raw):
+                    for rec in fmt.iter_records(raw):
+                        off, ts, value = rec.offset, rec.timestamp, rec.value
                         if off < read.from_offset or value is None:
                             continue
                         if off >= read.to_offset:
@@ -234,9 +253,9 @@ def scan(
                         if (to_ms is not None and ts > to_ms) or (
                                 from_ms is not None and ts < from_ms):
                             continue
-                        if key is not None:
+                        if keys is not None:
                             try:
-                                if _decode_head(value).key != key:
+                                if _decode_head(value).key not in keys:
                                     continue
                             except msgspec.DecodeError as exc:
                                 raise CorruptSegmentError(
@@ -244,4 +263,5 @@ def scan(
                                     f"record at offset {off} is not a valid change event "
                                     f"({exc})", off,
                                 ) from None
-                        yield ChangeRecord(pp.topic, pp.partition, off, ts, value)
+                        yield ChangeRecord(pp.topic, pp.partition, off, ts, value, rec.key,
+                                           rec.headers)

@@ -9,6 +9,7 @@ the target is aborted (nothing visible) and :class:`DigestMismatchError` is rais
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -30,7 +31,7 @@ from replicator.restore.planner import (
     plan_restore,
 )
 from replicator.restore.point import Point, format_ms
-from replicator.restore.replay import Change, ReplayStats, live_rows, replay
+from replicator.restore.replay import Change, ReplayStats, live_rows, replay, scan
 from replicator.schemas import SchemaRegistry
 from replicator.targets import RestoreRecord, RowIn, Target, open_target
 
@@ -170,21 +171,39 @@ async def execute_restore(
         target = open_target(target_url, restore_id=restore_id,
                              default_schema=default_schema_name(plan), swap_into=swap_into)
     report = RestoreReport(restore_id, plan, target.location)
+    from replicator.targets.kafka import KafkaTarget
+
+    kafka = target if isinstance(target, KafkaTarget) else None
     await target.open(replace=replace)
     try:
         paths = await local_paths(catalog, plan)
         stats = ReplayStats()
         state = await asyncio.to_thread(
-            replay, plan, lambda s: paths[s.name], keys=keys, stats=stats, progress=progress)
+            replay, plan, lambda s: paths[s.name], keys=keys, stats=stats, progress=progress,
+            keep_record=kafka is not None)
         report.events = stats.events
         t1 = time.monotonic()
         report.replay_seconds = t1 - t0
         expected: dict[str, DigestBuilder] = {}
         counts: dict[str, int] = {}
+        if kafka is not None:
+            parts: dict[str, int] = {}
+            for pp in plan.partitions:
+                parts[pp.topic] = max(parts.get(pp.topic, 0), pp.partition + 1)
+            await kafka.prepare(parts)
         for entity in plan.entities:
             layout = TableLayout.from_schema(entity, registry.json_schema(entity))
             d = expected[entity] = DigestBuilder(entity)
-            counts[entity] = await target.write(layout, event_rows(layout, plan, state[entity], d))
+            rows = event_rows(layout, plan, state[entity], d)
+            if kafka is not None and kafka.mode == "events":
+                for _ in rows:  # the expected digest of the state the events lead to
+                    pass
+                entity_plan = dataclasses.replace(
+                    plan, partitions=tuple(p for p in plan.partitions if p.entity == entity))
+                counts[entity] = await kafka.write_events(
+                    scan(entity_plan, lambda s: paths[s.name], to_ms=plan.at_ms, keys=keys))
+            else:
+                counts[entity] = await target.write(layout, rows)
             state[entity] = {}  # free as we go
         report.load_seconds = time.monotonic() - t1
         for entity in plan.entities:

@@ -256,6 +256,25 @@ def iter_records(raw: bytes) -> Iterator[Record]:
         yield Record(offset, ts, ts_type, key, value, tuple(headers))
 
 
+def decode_headers(raw: bytes) -> list[tuple[str, bytes | None]]:
+    """The headers of an encoded header region (as :func:`encode_headers` writes it)."""
+    out: list[tuple[str, bytes | None]] = []
+    pos = 0
+    while pos < len(raw):
+        (nlen,) = HEADER_NAME.unpack_from(raw, pos)
+        pos += HEADER_NAME.size
+        name = raw[pos : pos + nlen].decode()
+        pos += nlen
+        (hlen,) = HEADER_VALUE.unpack_from(raw, pos)
+        pos += HEADER_VALUE.size
+        val: bytes | None = None
+        if hlen >= 0:
+            val = raw[pos : pos + hlen]
+            pos += hlen
+        out.append((name, val))
+    return out
+
+
 def iter_values(raw: bytes) -> Iterator[tuple[int, int, bytes | None]]:
     """``(offset, timestamp, value)`` of each record of a block payload, in order.
 

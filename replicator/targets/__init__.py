@@ -9,7 +9,10 @@ from replicator.targets.base import RestoreRecord, RowIn, Target
 
 __all__ = ["SCHEMES", "RestoreRecord", "RowIn", "Target", "open_target"]
 
-SCHEMES = "postgresql://user@host:port/db[?schema=name], sqlite:///abs/path.db, jsonl:///abs/dir"
+SCHEMES = (
+    "postgresql://user@host:port/db[?schema=name], sqlite:///abs/path.db, jsonl:///abs/dir, "
+    "kafka://host:port/prefix[?mode=state|events]"
+)
 
 
 def open_target(url: str, *, restore_id: str, default_schema: str,
@@ -22,6 +25,10 @@ def open_target(url: str, *, restore_id: str, default_schema: str,
                               swap_into=swap_into)
     if swap_into:
         raise BadRequestError("--swap-into only applies to a postgresql:// target")
+    if url.startswith("kafka://"):
+        from replicator.targets.kafka import KafkaTarget
+
+        return KafkaTarget(url, restore_id)
     for scheme in ("sqlite://", "jsonl://"):
         if url.startswith(scheme):
             raw = url[len(scheme):]
