@@ -75,7 +75,7 @@ def sqlite_rows(layout: TableLayout, rows: Iterable[RowIn]) -> Iterator[tuple[An
 class SqliteTarget:
     def __init__(self, path: Path, restore_id: str) -> None:
         self.path = path
-        self.location = f"sqlite:///{path}"
+        self.location = f"sqlite://{path}"
         self._tmp = path.with_name(f".{path.name}.tmp-restore-{restore_id}")
         self._conn: sqlite3.Connection | None = None
 
