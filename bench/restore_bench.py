@@ -27,6 +27,7 @@ import asyncio
 import gc
 import json
 import random
+import resource
 import shutil
 import sqlite3
 import sys
@@ -241,6 +242,9 @@ async def restore_section(workdir: Path, *, pg_dsn: str, keys: int, events: int,
                sqlite_replay_seconds=rep_s["replay_seconds"])
     gc.collect()
 
+    # peak memory of this process so far: history writing (small) and the two restores
+    out["peak_rss_mib_restores"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     log("restore: baselines (bare COPY / executemany of the identical rows)")
     layout, parsed = await _final_rows(store)
     typed_pg = list(pg_rows(layout, parsed))
