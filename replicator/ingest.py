@@ -87,15 +87,17 @@ class IngestStats:
 class EventValidator:
     """Decides, per raw Kafka value, whether it is a valid change event (hot path).
 
-    Valid events are accepted by :class:`FastAccept` (one msgspec decode, no Python
-    objects per field); anything it does not accept takes the precise path (orjson +
+    Valid events are accepted by :class:`FastAccept` (one msgspec decode and one short
+    post-decode check); anything it does not accept takes the precise path (orjson +
     :meth:`SchemaRegistry.validate`), which either accepts it or names the reason.
     """
 
     def __init__(self, *, registry: SchemaRegistry, max_event_bytes: int) -> None:
         self.registry = registry
         self.max_event_bytes = max_event_bytes
-        self._fast = FastAccept(registry).entity_of
+        #: ``FastAccept.entity_of``: the entity if the raw bytes are certainly a valid event
+        #: (ingest calls it inline for the common case, then :meth:`check` for the rest)
+        self.fast = FastAccept(registry).entity_of
 
     def check(self, topic_entity: str | None, value: bytes | None) -> str | None:
         """``None`` if valid, else a short reason naming what is wrong."""
@@ -103,7 +105,7 @@ class EventValidator:
             return "null value (tombstone) is not a change event"
         if len(value) > self.max_event_bytes:
             return f"oversized: {len(value)} bytes > limit {self.max_event_bytes}"
-        entity = self._fast(value)
+        entity = self.fast(value)
         if entity is not None and (topic_entity is None or entity == topic_entity):
             return None
         try:
@@ -365,24 +367,44 @@ class Ingestor:
         if plog is None or plog.builder is None:
             return  # revoked while the fetch was in flight
         builder = plog.builder
-        append = builder.append
-        check = self.validator.check
+        validator = self.validator
+        fast = validator.fast
+        max_bytes = validator.max_event_bytes
         entity = self._topic_entity.get(tp.topic)
         position = builder.position
+        # valid records are collected and framed in runs (one BlockBuilder.extend call per
+        # run); a run ends at an invalid record, which is quarantined in offset order
+        run: list[Any] = []
+        keep = run.append
         good = 0
         for m in msgs:
             off = m.offset
             if off < position:
                 continue  # already covered (a re-fetch after seek); never store twice
-            value = m.value
-            reason = check(entity, value)
-            if reason is None:
-                append(off, m.timestamp, m.timestamp_type, m.key, value, m.headers)
-                good += 1
-            else:
-                builder.skip_to(off + 1)
-                self._quarantine(tp, m, reason)
             position = off + 1
+            value = m.value
+            # inline fast accept, the common case; check() decides the rest and names why
+            if (
+                value is not None
+                and len(value) <= max_bytes
+                and (accepted := fast(value)) is not None
+                and (entity is None or accepted == entity)
+            ):
+                keep(m)
+                continue
+            reason = validator.check(entity, value)
+            if reason is None:
+                keep(m)
+                continue
+            if run:
+                builder.extend(run)
+                good += len(run)
+                run.clear()
+            builder.skip_to(off + 1)
+            self._quarantine(tp, m, reason)
+        if run:
+            builder.extend(run)
+            good += len(run)
         if good:
             self.stats.ingested += good
             self.metrics.events_ingested.labels(tp.topic).inc(good)

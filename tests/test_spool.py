@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from replicator.metrics import Metrics
 from replicator.spool import Spool, SpoolSettings
@@ -48,3 +49,58 @@ async def test_concurrent_release_of_the_same_partitions(tmp_path: Path) -> None
     assert spool.logs == {}
     names = [o.name for o in await store.list("segments/")]
     assert len(names) == 3 and all(n.endswith("-00000000000000000010.seg") for n in names)
+
+
+def test_block_builder_extend_frames_exactly_like_append() -> None:
+    """Ingest frames runs of records with ``extend``; the bytes and block metadata must equal
+    one ``append`` per record (headers reused between equal consecutive header sets)."""
+    import random
+    from types import SimpleNamespace
+
+    from replicator.segment.writer import BlockBuilder
+
+    rng = random.Random(7)
+    header_sets: list[Any] = [(), (("entity", b"attendance"), ("schema_version", b"1")),
+                              (("entity", b"config"), ("schema_version", b"1")),
+                              (("n", None),), [("list", b"headers")]]
+    records = []
+    offset = 100
+    for _ in range(500):
+        offset += rng.choice((1, 1, 1, 2, 5))  # Kafka gaps too
+        records.append(SimpleNamespace(
+            offset=offset, timestamp=rng.randrange(1_000, 2_000), timestamp_type=rng.randrange(2),
+            key=rng.choice((None, b"", b"k%d" % offset)),
+            value=rng.choice((None, b"", b"v" * rng.randrange(1, 300))),
+            # fresh but equal tuples, like aiokafka delivers them
+            headers=tuple(tuple(h) for h in rng.choice(header_sets)) if rng.random() < 0.9
+            else list(rng.choice(header_sets)),
+        ))
+    one, many = BlockBuilder(100), BlockBuilder(100)
+    for r in records:
+        one.append(r.offset, r.timestamp, r.timestamp_type, r.key, r.value, r.headers)
+    many.extend(records[:123])
+    many.extend([])
+    many.extend(records[123:])
+    assert many.position == one.position == records[-1].offset + 1
+    a, b = one.take(), many.take()
+    assert a is not None and b is not None
+    assert a == b and a.records == 500 and a.start == 100
+
+
+def test_block_builder_extend_failure_appends_no_partial_record() -> None:
+    from types import SimpleNamespace
+
+    import pytest
+
+    from replicator.segment.writer import BlockBuilder
+
+    good = SimpleNamespace(offset=0, timestamp=5, timestamp_type=0, key=b"k", value=b"v",
+                           headers=())
+    bad = SimpleNamespace(offset=1, timestamp=6, timestamp_type=0, key="not bytes", value=b"v",
+                          headers=())
+    builder, reference = BlockBuilder(0), BlockBuilder(0)
+    reference.append(0, 5, 0, b"k", b"v", ())
+    with pytest.raises(TypeError):
+        builder.extend([good, bad])
+    assert builder.position == 1 and builder.pending_records == 1
+    assert builder.take() == reference.take()

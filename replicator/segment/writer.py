@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from replicator.segment import format as fmt
 from replicator.segment.format import BlockMeta, SegmentHeader, SegmentSummary
@@ -41,6 +42,23 @@ class PendingBlock:
     max_ts: int
     watermark_ms: int = 0
     flags: int = 0
+
+
+class _Record(Protocol):
+    """What :meth:`BlockBuilder.extend` reads of a record (aiokafka's ``ConsumerRecord``)."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def timestamp_type(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
 
 
 _pack_record_header = fmt.RECORD_HEADER.pack
@@ -119,6 +137,72 @@ class BlockBuilder:
         if timestamp > self._max_ts:
             self._max_ts = timestamp
         self.position = offset + 1
+
+    def extend(self, records: Sequence[_Record]) -> None:
+        """Add several records at once (offsets increasing); the same bytes as one
+        :meth:`append` each, in one loop (hot path: ingest frames every fetched run of
+        valid records with one call). Records are read by attribute, like aiokafka's
+        ``ConsumerRecord``.
+
+        Consecutive records usually carry equal headers (one producer, one entity), so the
+        previous record's encoded headers are reused when the headers compare equal. If
+        framing fails, the records before the failing one stay appended.
+        """
+        if not records:
+            return
+        buf = self._buf
+        pack = _pack_record_header
+        encode_headers = _encode_headers
+        min_ts = self._min_ts
+        max_ts = self._max_ts
+        last_headers: object = None
+        last_encoded = b""
+        count = 0
+        position = self.position
+        mark = len(buf)
+        try:
+            for r in records:
+                offset = r.offset
+                timestamp = r.timestamp
+                key = r.key
+                value = r.value
+                headers = r.headers
+                if headers:
+                    if headers != last_headers:
+                        last_encoded = encode_headers(headers)
+                        last_headers = headers
+                    hb = last_encoded
+                else:
+                    hb = b""
+                mark = len(buf)
+                buf += pack(
+                    offset,
+                    timestamp,
+                    r.timestamp_type,
+                    -1 if key is None else len(key),
+                    -1 if value is None else len(value),
+                    len(headers),
+                )
+                if key:
+                    buf += key
+                if value:
+                    buf += value
+                if hb:
+                    buf += hb
+                count += 1
+                if min_ts == _NO_TS or timestamp < min_ts:
+                    min_ts = timestamp
+                if timestamp > max_ts:
+                    max_ts = timestamp
+                position = offset + 1
+        except BaseException:
+            del buf[mark:]  # no partial record: the failing one is not appended at all
+            raise
+        finally:
+            self._count += count
+            self._min_ts = min_ts
+            self._max_ts = max_ts
+            self.position = position
 
     def skip_to(self, position: int) -> None:
         """Cover offsets up to ``position`` that hold no record (quarantined, Kafka gaps)."""
