@@ -5,8 +5,10 @@ corruption, refusals."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from replicator.restore.point import AtOffsets, AtTime, Latest, Point
 from replicator.restore.runner import RestoreReport, execute_restore, make_plan
 from replicator.schemas import SchemaRegistry
 from replicator.storage.local import LocalStore
+from replicator.targets import scratch
 from tests.restore_history import (
     ENTITIES,
     History,
@@ -253,3 +256,40 @@ def test_postgres_refuses_non_empty_schema_and_swaps(history: History, pg_dsn: s
 def test_postgres_unreachable_is_a_target_error(history: History) -> None:
     with pytest.raises(TargetError, match="cannot connect"):
         restore(history, Latest(), "postgresql://nobody@127.0.0.1:1/postgres")
+
+
+def test_scratch_of_a_live_restore_is_not_swept(history: History, tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    live = tmp_path / ".s.db.tmp-restore-live"
+    created = scratch.new_name(live)
+    created.write_bytes(b"")
+    fd = scratch.claim(created, live)  # a restore running right now
+    dead = tmp_path / ".s.db.tmp-restore-dead"
+    dead.write_bytes(b"x")
+    old = time.time() - 3600
+    os.utime(live, (old, old))
+    os.utime(dead, (old, old))
+    try:
+        restore(history, Latest(), f"sqlite://{db}")
+        assert live.exists() and not dead.exists()
+    finally:
+        scratch.release(fd)
+
+
+def test_a_restore_that_finished_first_is_not_overwritten(history: History,
+                                                          tmp_path: Path) -> None:
+    from replicator.targets.sqlite import SqliteTarget
+
+    db = tmp_path / "race.db"
+
+    async def go() -> None:
+        t = SqliteTarget(db, "race1")
+        await t.open(replace=False)
+        db.write_bytes(b"another restore's result")  # lands between open and commit
+        with pytest.raises(TargetError, match="written by another restore"):
+            await t.commit()
+        await t.abort()
+
+    asyncio.run(go())
+    assert db.read_bytes() == b"another restore's result"
+    assert [p.name for p in tmp_path.iterdir()] == ["race.db"]

@@ -22,6 +22,7 @@ from replicator.errors import TargetError
 from replicator.restore.digest import DigestBuilder, StateDigest
 from replicator.restore.layout import CANONICAL, TableLayout, compile_row
 from replicator.storage.local import fsync_dir
+from replicator.targets import scratch
 from replicator.targets.base import RestoreRecord, RowIn
 
 
@@ -31,23 +32,27 @@ class JsonlTarget:
         self.location = f"jsonl://{path}"
         self._tmp = path.with_name(f".{path.name}.tmp-restore-{restore_id}")
         self._old = path.with_name(f".{path.name}.old-restore-{restore_id}")
+        self._fd: int | None = None
+        self._replace = False
 
     async def open(self, *, replace: bool) -> None:
         await asyncio.to_thread(self._open_sync, replace)
 
     def _open_sync(self, replace: bool) -> None:
+        self._replace = replace
         parent = self.path.parent
         if not parent.is_dir():
             raise TargetError(f"{self.location}: directory {parent} does not exist")
-        for leftover in parent.glob(f".{self.path.name}.tmp-restore-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        scratch.sweep(self.path, lambda p: shutil.rmtree(p, ignore_errors=True))
         if self.path.exists():
             if not self.path.is_dir():
                 raise TargetError(f"{self.location}: {self.path} exists and is not a directory")
             if any(self.path.iterdir()) and not replace:
                 raise TargetError(f"{self.location} already holds data; choose another "
                                   "directory or pass --replace")
-        self._tmp.mkdir()
+        created = scratch.new_name(self._tmp)
+        created.mkdir()
+        self._fd = scratch.claim(created, self._tmp)
 
     def _file(self, entity: str) -> Path:
         return self._tmp / f"{entity}.jsonl"
@@ -97,11 +102,28 @@ class JsonlTarget:
         finally:
             os.close(fd)
         fsync_dir(self._tmp)
-        if self.path.exists():
+        moved_old = False
+        if self.path.exists() and any(self.path.iterdir()):
+            # non-empty now: --replace was given at open, or another restore finished first
+            if not self._replace:
+                raise TargetError(f"{self.location} was written by another restore meanwhile; "
+                                  "nothing replaced (pass --replace to replace it)")
             os.rename(self.path, self._old)
-        os.rename(self._tmp, self.path)
+            moved_old = True
+        try:
+            os.rename(self._tmp, self.path)  # onto an absent or empty directory only
+        except OSError as exc:
+            if moved_old:
+                os.rename(self._old, self.path)
+            raise TargetError(f"{self.location}: cannot move the result into place: "
+                              f"{exc}") from None
         fsync_dir(self.path.parent)
         shutil.rmtree(self._old, ignore_errors=True)
+        scratch.release(self._fd)
+        self._fd = None
 
     async def abort(self) -> None:
-        await asyncio.to_thread(shutil.rmtree, self._tmp, True)
+        if self._fd is not None:
+            await asyncio.to_thread(shutil.rmtree, self._tmp, True)
+        scratch.release(self._fd)
+        self._fd = None

@@ -35,6 +35,7 @@ from replicator.restore.layout import (
     ts_text,
 )
 from replicator.storage.local import fsync_dir
+from replicator.targets import scratch
 from replicator.targets.base import RestoreRecord, RowIn
 
 RESTORES_TABLE = "replicator_restores"
@@ -78,6 +79,8 @@ class SqliteTarget:
         self.location = f"sqlite://{path}"
         self._tmp = path.with_name(f".{path.name}.tmp-restore-{restore_id}")
         self._conn: sqlite3.Connection | None = None
+        self._fd: int | None = None
+        self._replace = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -88,20 +91,24 @@ class SqliteTarget:
         parent = self.path.parent
         if not parent.is_dir():
             raise TargetError(f"{self.location}: directory {parent} does not exist")
-        for leftover in parent.glob(f".{self.path.name}.tmp-restore-*"):
-            leftover.unlink(missing_ok=True)  # an interrupted earlier restore
+        scratch.sweep(self.path, lambda p: p.unlink(missing_ok=True))  # killed restores
+        self._replace = replace
         if self.path.exists() and not replace and self._holds_data(self.path):
             raise TargetError(
                 f"{self.location} already holds data; choose another file or pass --replace "
                 "(the file is replaced atomically once the restore is verified)"
             )
         try:
+            created = scratch.new_name(self._tmp)
+            os.close(os.open(created, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            self._fd = scratch.claim(created, self._tmp)
             conn = sqlite3.connect(self._tmp, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=OFF")
             conn.execute("PRAGMA synchronous=OFF")
             conn.execute("PRAGMA cache_size=-200000")
             conn.execute("BEGIN")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
+            self._drop_scratch()
             raise TargetError(f"{self.location}: cannot create {self._tmp}: {exc}") from None
         self._conn = conn
 
@@ -175,12 +182,32 @@ class SqliteTarget:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(self._tmp, self.path)
+        try:
+            if self._replace:
+                os.replace(self._tmp, self.path)
+            else:  # create-only: a concurrent restore that finished first is not overwritten
+                os.link(self._tmp, self.path)
+                self._tmp.unlink()
+        except FileExistsError:
+            self._drop_scratch()
+            raise TargetError(f"{self.location} was written by another restore meanwhile; "
+                              "nothing replaced (pass --replace to replace it)") from None
+        except FileNotFoundError:
+            raise TargetError(f"{self.location}: the scratch file {self._tmp} vanished "
+                              "before commit") from None
         fsync_dir(self.path.parent)
+        scratch.release(self._fd)
+        self._fd = None
+
+    def _drop_scratch(self) -> None:
+        if self._fd is not None:
+            self._tmp.unlink(missing_ok=True)
+        scratch.release(self._fd)
+        self._fd = None
 
     async def abort(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
-        self._tmp.unlink(missing_ok=True)
+        self._drop_scratch()
