@@ -43,10 +43,12 @@ def _split(values: str | None) -> list[str] | None:
 
 
 def _progress(enabled: bool, total: int, label: str) -> tuple[
-        AbstractContextManager[Any], Callable[[int], None] | None]:
-    """A rich progress bar on a terminal (thread-safe ``advance``), else nothing."""
+        AbstractContextManager[Any], Callable[[int], None] | None,
+        Callable[[str, int], None] | None]:
+    """A rich progress bar on a terminal (thread-safe ``advance``; ``phase`` starts the next
+    stage with its own total), else nothing."""
     if not enabled or not sys.stderr.isatty() or total <= 0:
-        return nullcontext(), None
+        return nullcontext(), None, None
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -57,7 +59,8 @@ def _progress(enabled: bool, total: int, label: str) -> tuple[
         TimeRemainingColumn,
     )
 
-    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(),
                     TimeRemainingColumn(), transient=True,
                     console=Console(stderr=True))
     task = prog.add_task(label, total=total)
@@ -65,7 +68,10 @@ def _progress(enabled: bool, total: int, label: str) -> tuple[
     def advance(n: int) -> None:
         prog.update(task, advance=n)
 
-    return prog, advance
+    def phase(name: str, new_total: int) -> None:
+        prog.reset(task, total=max(new_total, 1), description=name)
+
+    return prog, advance, phase
 
 
 def _print_plan(plan: RestorePlan) -> None:
@@ -139,11 +145,11 @@ def restore(ctx: click.Context, at_text: str | None, offsets_text: str | None,
             url = f"sqlite://{d / (default_schema_name(plan) + '.db')}"
         if swap_into and not url.startswith(("postgresql://", "postgres://")):
             raise BadRequestError("--swap-into only applies to a postgresql:// target")
-        bar, advance = _progress(not as_json, plan.events_estimate, "replaying")
+        bar, advance, phase = _progress(not as_json, plan.events_estimate, "replaying")
         with bar:
             report = await execute_restore(cat, reg, plan, url, keys=_split(keys),
                                            replace=replace, swap_into=swap_into,
-                                           progress=advance)
+                                           progress=advance, phase=phase)
         if as_json:
             _dump({"dry_run": False, **report.to_json()})
             return

@@ -37,7 +37,7 @@ from replicator.restore.point import AtOffsets, Latest, Point, format_ms
 TP = tuple[str, int]
 
 #: Planning estimate of replay speed (events/s) for ``--dry-run``; the real figure is measured.
-REPLAY_EVENTS_PER_S = 150_000
+REPLAY_EVENTS_PER_S = 100_000
 
 
 @dataclass(frozen=True, slots=True)

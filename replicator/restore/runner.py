@@ -31,7 +31,14 @@ from replicator.restore.planner import (
     plan_restore,
 )
 from replicator.restore.point import Point, format_ms
-from replicator.restore.replay import Change, ReplayStats, live_rows, replay, scan
+from replicator.restore.replay import (
+    Change,
+    ReplayStats,
+    live_count,
+    live_rows,
+    replay,
+    scan,
+)
 from replicator.schemas import SchemaRegistry
 from replicator.targets import RestoreRecord, RowIn, Target, open_target
 
@@ -80,16 +87,24 @@ async def local_paths(catalog: Catalog, plan: RestorePlan) -> dict[str, Path]:
 
 
 def event_rows(
-    layout: TableLayout, plan: RestorePlan, changes: dict[str, Change], digest: DigestBuilder
+    layout: TableLayout, plan: RestorePlan, changes: dict[str, Change], digest: DigestBuilder,
+    progress: Callable[[int], None] | None = None,
 ) -> Iterator[RowIn]:
     """Live rows in key order with their parsed event; feeds ``digest`` (the backup side)."""
     canon = compile_row(layout.data_columns, CANONICAL, source="mapping")
     loads = orjson.loads
     add = digest.add
+    n = 0
     for live in live_rows(plan, changes):
         event = loads(live.value)
         add(live.key, canon(event.get("data") or {}))
         yield live, event
+        n += 1
+        if progress is not None and n == 10_000:
+            progress(n)
+            n = 0
+    if progress is not None and n:
+        progress(n)
 
 
 @dataclass
@@ -161,6 +176,7 @@ async def execute_restore(
     replace: bool = False,
     swap_into: str | None = None,
     progress: Callable[[int], None] | None = None,
+    phase: Callable[[str, int], None] | None = None,
     target: Target | None = None,
 ) -> RestoreReport:
     """Run ``plan`` into ``target_url``; raises before anything is visible on any failure."""
@@ -182,6 +198,8 @@ async def execute_restore(
             replay, plan, lambda s: paths[s.name], keys=keys, stats=stats, progress=progress,
             keep_record=kafka is not None)
         report.events = stats.events
+        if phase is not None:
+            phase("loading", sum(live_count(state[e]) for e in plan.entities))
         t1 = time.monotonic()
         report.replay_seconds = t1 - t0
         expected: dict[str, DigestBuilder] = {}
@@ -194,7 +212,7 @@ async def execute_restore(
         for entity in plan.entities:
             layout = TableLayout.from_schema(entity, registry.json_schema(entity))
             d = expected[entity] = DigestBuilder(entity)
-            rows = event_rows(layout, plan, state[entity], d)
+            rows = event_rows(layout, plan, state[entity], d, progress)
             if kafka is not None and kafka.mode == "events":
                 for _ in rows:  # the expected digest of the state the events lead to
                     pass
