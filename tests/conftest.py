@@ -3,6 +3,7 @@
 The broker comes from ``KAFKA_BOOTSTRAP_SERVERS`` if set, else testcontainers when a
 Docker daemon answers, else the local KRaft broker started by deploy/kafka/kafka.sh.
 If none can be had the session fails (it never turns integration tests into skips).
+PostgreSQL likewise: ``REPLICATOR_TEST_PG_DSN``, testcontainers, or deploy/postgres/pg.sh.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.kafka_service import LocalBroker, resolve_bootstrap, start_local_broker
+from tests.kafka_service import (
+    LocalBroker,
+    docker_available,
+    resolve_bootstrap,
+    start_local_broker,
+)
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +54,22 @@ def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
 
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
-    """A real PostgreSQL: ``REPLICATOR_TEST_PG_DSN``, else a private cluster started by
-    ``deploy/postgres/pg.sh`` (installs the Debian package when absent). Never skipped."""
+    """A real PostgreSQL: ``REPLICATOR_TEST_PG_DSN``; else a testcontainers PostgreSQL when a
+    Docker daemon answers; else a private cluster started by ``deploy/postgres/pg.sh``
+    (installs the Debian package when absent). Never skipped: failing to get one fails."""
     env = os.environ.get("REPLICATOR_TEST_PG_DSN")
     if env:
         yield env
         return
+    if docker_available():
+        try:
+            from testcontainers.postgres import PostgresContainer
+        except ImportError:
+            pass  # testcontainers' postgres module missing: fall through to pg.sh
+        else:
+            with PostgresContainer("postgres:16-alpine", driver=None) as pg:
+                yield pg.get_connection_url()
+            return
     d = Path(tempfile.mkdtemp(prefix="replicator-pg-"))
     script = Path(__file__).resolve().parent.parent / "deploy" / "postgres" / "pg.sh"
     proc = subprocess.run(["bash", str(script), "start", "--dir", str(d)],
