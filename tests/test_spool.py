@@ -104,3 +104,60 @@ def test_block_builder_extend_failure_appends_no_partial_record() -> None:
         builder.extend([good, bad])
     assert builder.position == 1 and builder.pending_records == 1
     assert builder.take() == reference.take()
+
+
+async def test_group_commit_fsyncs_every_file_and_fails_as_a_whole(tmp_path: Path) -> None:
+    """The segment files of one group commit are fsync'd concurrently: all of them before any
+    record counts as durable, and one failed fsync fails the whole commit (nothing durable)."""
+    import pytest
+
+    from replicator.segment.writer import ActiveSegment
+    from replicator.spool import SpoolError
+
+    store = LocalStore(root=tmp_path / "store")
+    spool = Spool(settings=SpoolSettings(data_dir=tmp_path), store=store, metrics=Metrics())
+    plogs = []
+    for p in range(4):
+        plog = await spool.open_partition("attendance", p)
+        plog.start_at(0)
+        plogs.append(plog)
+
+    def fill(n: int) -> None:
+        for plog in plogs:
+            assert plog.builder is not None
+            start = plog.builder.position
+            for off in range(start, start + n):
+                plog.builder.append(off, 1000 + off, 0, b"k", b"v", [])
+
+    synced: list[str] = []
+    orig_sync = ActiveSegment.sync
+
+    def sync(self: ActiveSegment) -> None:
+        if self._dirty:
+            synced.append(self.path.name)
+        orig_sync(self)
+
+    fill(10)
+    ActiveSegment.sync = sync  # type: ignore[method-assign]
+    try:
+        assert await spool.flush() == 40
+        assert len(synced) == 4 and [p.durable for p in plogs] == [10, 10, 10, 10]
+
+        def failing(self: ActiveSegment) -> None:
+            if self.header.partition == 2:
+                raise OSError(5, "injected fsync failure")
+            sync(self)
+
+        ActiveSegment.sync = failing  # type: ignore[method-assign]
+        fill(5)
+        with pytest.raises(SpoolError):
+            await spool.flush()
+        assert [p.durable for p in plogs] == [10, 10, 10, 10]  # nothing new is durable
+        assert len(synced) == 7  # the other three files were still fsync'd (and waited for)
+        with pytest.raises(SpoolError):
+            spool.check()
+    finally:
+        ActiveSegment.sync = orig_sync  # type: ignore[method-assign]
+        for plog in plogs:
+            plog.close_sync()
+        await spool.stop()
