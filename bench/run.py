@@ -212,12 +212,13 @@ def _table(results: dict[str, Any]) -> None:
             ("rpo", "rpo_p50_ms", f"{rpo['rpo_p50_ms']}"),
             ("rpo", "rpo_p99_ms", f"{rpo['rpo_p99_ms']}  (p99.9 {rpo['rpo_p999_ms']}, "
                                   f"max {rpo['rpo_max_ms']})"),
-            ("rpo", "ack_to_fetched_ms", f"p50 {rpo['ack_to_fetched_p50_ms']}, "
-                                         f"p99 {rpo['ack_to_fetched_p99_ms']}"),
-            ("rpo", "fetched_to_durable_ms", f"p50 {rpo['fetched_to_durable_p50_ms']}, "
-                                             f"p99 {rpo['fetched_to_durable_p99_ms']}"),
+            ("rpo", "ack_to_fetched_ms", f"p50 {rpo.get('ack_to_fetched_p50_ms')}, "
+                                         f"p99 {rpo.get('ack_to_fetched_p99_ms')}"),
+            ("rpo", "fetched_to_durable_ms", f"p50 {rpo.get('fetched_to_durable_p50_ms')}, "
+                                             f"p99 {rpo.get('fetched_to_durable_p99_ms')}"),
             ("rpo", "baseline_fetch_ms",
-             f"p50 {rpo['baseline']['fetch_p50_ms']}, p99 {rpo['baseline']['fetch_p99_ms']} "
+             f"p50 {rpo.get('baseline', {}).get('fetch_p50_ms')}, "
+             f"p99 {rpo.get('baseline', {}).get('fetch_p99_ms')} "
              "(bare consumer, same publisher)"),
             ("rpo", "durable_before_ack", f"{rpo['durable_before_ack']:,}"),
             ("rpo", "bytes_per_event", f"{rpo['bytes_per_event']}"),
