@@ -1,8 +1,8 @@
 """The state digest: per entity, a row count and an order-independent hash of the rows.
 
 ``row hash = BLAKE2b-128(orjson([key, canonical(data column values)...]))`` read as a
-big-endian integer (timestamps as UTC text with microseconds, JSON as sorted-key JSON
-text; see :mod:`replicator.restore.layout`). The entity's hash is the sum of its row
+big-endian integer (timestamps as integer microseconds since the epoch, JSON as sorted-key
+JSON text; see :mod:`replicator.restore.layout`). The entity's hash is the sum of its row
 hashes modulo 2**128: a sum (not XOR) so that two identical rows never cancel out, and
 order-independent so that a target can be read back in any order. Only the key and the
 data columns take part -- not the ``_version``/``_offset`` bookkeeping -- so the digest

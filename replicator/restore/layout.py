@@ -57,6 +57,7 @@ SQLITE_TYPES: dict[Kind, str] = {
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
+_fromiso = datetime.fromisoformat
 
 
 def column_kind(prop: Mapping[str, Any]) -> Kind:
@@ -114,13 +115,17 @@ class TableLayout:
 def rfc3339_to_micros(value: str) -> int:
     """RFC 3339 -> microseconds since the epoch (digits beyond microseconds truncated; a leap
     second ``:60`` counts as ``:59.999999``)."""
+    try:
+        return (_fromiso(value) - EPOCH) // _MICRO
+    except ValueError:
+        pass
     value = value.upper()  # RFC 3339 allows "t" and "z"; fromisoformat does not
     try:
-        dt = datetime.fromisoformat(value)
+        dt = _fromiso(value)
     except ValueError:
         if value[17:19] != "60":
             raise
-        dt = datetime.fromisoformat(value[:17] + "59" + value[19:]).replace(microsecond=999999)
+        dt = _fromiso(value[:17] + "59" + value[19:]).replace(microsecond=999999)
     return (dt - EPOCH) // _MICRO
 
 
@@ -168,7 +173,7 @@ def canonical(kind: Kind, value: Any) -> Any:
     if kind == "text":
         return value
     if kind == "timestamptz":
-        return ts_text(value)
+        return rfc3339_to_micros(value)
     if kind == "bigint":
         return int(value)
     if kind == "double":
@@ -187,9 +192,7 @@ def canonical_stored(kind: Kind, value: Any) -> Any:
     if value is None:
         return None
     if kind == "timestamptz":
-        if isinstance(value, datetime):
-            return datetime_text(value)
-        return ts_text(value)
+        return _stored_ts(value)
     if kind == "jsonb":
         return canonical_json(orjson.loads(value))
     return canonical(kind, value)
@@ -235,7 +238,7 @@ def compile_row(
 #: event value -> canonical (digest) form, per kind
 CANONICAL: dict[Kind, Converter | None] = {
     "text": None,
-    "timestamptz": ts_text,
+    "timestamptz": rfc3339_to_micros,
     "bigint": int,
     "double": float,
     "boolean": bool,
@@ -243,8 +246,10 @@ CANONICAL: dict[Kind, Converter | None] = {
 }
 
 
-def _stored_ts(value: Any) -> str:
-    return datetime_text(value) if isinstance(value, datetime) else ts_text(value)
+def _stored_ts(value: Any) -> int:
+    if isinstance(value, datetime):
+        return (value - EPOCH) // _MICRO
+    return rfc3339_to_micros(value)
 
 
 def _stored_json(value: Any) -> str:

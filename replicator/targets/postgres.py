@@ -178,10 +178,10 @@ class PostgresTarget:
         cols = ", ".join(_q(c.name) for c in (layout.columns[0], *layout.data_columns))
         d = DigestBuilder(layout.entity)
         add = d.add
-        async for row in conn.cursor(
-            f"SELECT {cols} FROM {_q(self.schema)}.{_q(layout.entity)}", prefetch=50000
-        ):
-            add(row[0], canon(row))
+        cur = await conn.cursor(f"SELECT {cols} FROM {_q(self.schema)}.{_q(layout.entity)}")
+        while rows := await cur.fetch(50_000):  # chunks: no per-row await
+            for row in rows:
+                add(row[0], canon(row))
         return d.result()
 
     async def record(self, rec: RestoreRecord) -> None:
