@@ -132,6 +132,12 @@ def restore(ctx: click.Context, at_text: str | None, offsets_text: str | None,
         point: Point = parse_at(at_text) if at_text is not None else parse_offsets(
             offsets_text or "")
         plan = await make_plan(cat, reg, cfg.kafka.topics, point, _split(entities))
+        late = [p for p in plan.partitions if p.first > 0]
+        if late and not as_json:
+            click.echo("warning: the backup of " + ", ".join(
+                f"{p.topic}[{p.partition}] starts at offset {p.first}" for p in late[:5])
+                + (" …" if len(late) > 5 else "") + ": changes before that are not in it "
+                "(ingest started after them, or they were removed)", err=True)
         if dry_run:
             if as_json:
                 _dump({"dry_run": True, "plan": plan.to_json()})
