@@ -163,6 +163,7 @@ class Ingestor:
             settings=SpoolSettings(
                 data_dir=i.data_dir,
                 flush_interval_s=i.flush_interval_ms / 1000,
+                commit_spacing_s=i.commit_spacing_ms / 1000,
                 seal_bytes=i.seal_bytes,
                 seal_age_s=i.seal_age_s,
                 block_bytes=i.block_bytes,
@@ -326,16 +327,26 @@ class Ingestor:
         consumer = self._consumer
         if consumer is None:
             raise RuntimeError("Ingestor.start() was not called")
+        # offset commits and watermark observations are broker round trips (tens of ms on a
+        # busy machine): in their own task they never hold up getmany (ack -> fetched)
+        side = asyncio.create_task(self._side_loop(consumer), name="ingest-side")
+        try:
+            await self._fetch_loop(consumer, side)
+        finally:
+            side.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await side
+
+    async def _fetch_loop(self, consumer: AIOKafkaConsumer, side: asyncio.Task[None]) -> None:
         spool = self.spool
         max_records = self.config.kafka.max_poll_records
-        commit_every = self.config.ingest.commit_interval_ms / 1000
-        watermark_every = self.config.ingest.watermark_interval_ms / 2000
         max_pending = self.config.ingest.max_pending_bytes
-        last_wm = 0.0
         while not self._stop.is_set():
             spool.check()
             if self._failure is not None:
                 raise self._failure
+            if side.done():
+                side.result()  # raises what ended it
             try:
                 batches = await consumer.getmany(timeout_ms=50, max_records=max_records)
             except RecordTooLargeError as exc:
@@ -345,22 +356,34 @@ class Ingestor:
                 log.warning("fetch failed, retrying: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            for tp, msgs in batches.items():
-                self._process(tp, msgs)
-            now = time.monotonic()
-            if now - last_wm >= watermark_every:
-                last_wm = now
-                await self._observe_caught_up(consumer)
+            if batches:
+                for tp, msgs in batches.items():
+                    self._process(tp, msgs)
+                spool.wake()  # adaptive group commit: commit now unless one is in flight
             if spool.pending_bytes >= max_pending:
                 await spool.flush()
-            if now - self._last_commit >= commit_every:
-                await self._commit(consumer, force=False, logs=None)
             if self.on_progress is not None:
                 self.on_progress(self)
             # getmany returns without suspending while prefetched records remain, so without
             # this the fetcher's next request, the group commit and heartbeats would all
             # wait until the prefetched data is drained (no overlap with processing).
             await asyncio.sleep(0)
+
+    async def _side_loop(self, consumer: AIOKafkaConsumer) -> None:
+        """Periodic broker round trips beside the fetch loop: watermark candidates (every
+        half watermark interval) and offset commits of durable records."""
+        commit_every = self.config.ingest.commit_interval_ms / 1000
+        watermark_every = self.config.ingest.watermark_interval_ms / 2000
+        tick = min(commit_every, watermark_every, 0.05)
+        last_wm = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - last_wm >= watermark_every:
+                last_wm = now
+                await self._observe_caught_up(consumer)
+            if time.monotonic() - self._last_commit >= commit_every:
+                await self._commit(consumer, force=False, logs=None)
+            await asyncio.sleep(tick)
 
     def _process(self, tp: TopicPartition, msgs: list[Any]) -> None:
         plog = self.spool.logs.get(tp)

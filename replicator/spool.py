@@ -1,12 +1,21 @@
 """The spool: per-partition active segments, group commit, sealing and shipping to the store.
 
-Data path of one record: ``BlockBuilder.append``/``extend`` (event loop) -> ``Spool.flush``
-takes a block per partition, writes all of them and fsyncs them (concurrently, one pool
+Data path of one record: ``BlockBuilder.append``/``extend`` (event loop) -> ingest calls
+``Spool.wake`` -> the committer (``Spool._flush_loop``) runs ``Spool.flush``, which takes a
+block per partition, writes all of them and fsyncs them (concurrently, one pool
 thread per file) in one worker-thread call that returns when every fsync returned (group
 commit) -> the record is *durable*; ``PartitionLog.durable`` advances -> ingest may commit
 that offset to Kafka. A segment is sealed on size or age (footer + fsync, renamed to
 ``.sealed`` in the spool) and a background shipper puts it into the store, then removes
 the spool copy.
+
+Adaptive group commit (leader/follower, like a database WAL): a commit starts as soon as
+records are pending and no commit is in flight, at least ``commit_spacing_s`` after the
+previous one started (so blocks do not shrink to a handful of records), and at least every
+``flush_interval_s`` (watermarks of idle partitions, seals by age). Records appended while
+a commit is in flight go into the next one, which starts when that commit returns: under
+load commits run back to back and a record waits for at most the rest of the current
+commit plus its own, instead of for the next tick of a fixed timer.
 
 Invariants:
 - ``durable`` only moves forward and only after the fsync that covers it returned.
@@ -61,6 +70,8 @@ class SpoolSettings:
 
     data_dir: Path
     flush_interval_s: float = 0.05
+    #: minimum time between the starts of two group commits (adaptive commit)
+    commit_spacing_s: float = 0.005
     seal_bytes: int = 64 * 1024 * 1024
     seal_age_s: float = 60.0
     block_bytes: int = 1024 * 1024
@@ -399,6 +410,8 @@ class Spool:
         self._lock = asyncio.Lock()
         self._release_lock = asyncio.Lock()
         self._ship_wakeup = asyncio.Event()
+        #: set when records (or quarantine lines) are pending: wakes the committer
+        self._commit_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._failure: BaseException | None = None
@@ -425,6 +438,7 @@ class Spool:
         """
         self._stopping = True
         self._ship_wakeup.set()
+        self._commit_wakeup.set()
         for t in self._tasks:
             with contextlib.suppress(Exception):
                 await t
@@ -436,6 +450,10 @@ class Spool:
         pool, self._fsync_pool = self._fsync_pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def check(self) -> None:
         """Raise the spool's background failure, if any (called by ingest)."""
@@ -520,6 +538,10 @@ class Spool:
         return sum(p.builder.pending_bytes for p in self.logs.values() if p.builder is not None)
 
     # -- group commit ----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Records or quarantine lines were added: commit them as soon as allowed."""
+        self._commit_wakeup.set()
 
     async def flush(self) -> int:
         """One group commit: write every partition's pending block, fsync, advance ``durable``.
@@ -607,15 +629,30 @@ class Spool:
         return out
 
     async def _flush_loop(self) -> None:
+        """The committer: a group commit when woken (records pending) and none is in
+        flight, spaced at least ``commit_spacing_s`` apart, and at least every
+        ``flush_interval_s``."""
         interval = self.settings.flush_interval_s
+        spacing = min(self.settings.commit_spacing_s, interval)
+        wakeup = self._commit_wakeup
+        last = time.monotonic()
         while not self._stopping:
-            t0 = time.monotonic()
+            idle = interval - (time.monotonic() - last)
+            if idle > 0 and not wakeup.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), timeout=idle)
+            gap = spacing - (time.monotonic() - last)
+            if gap > 0:
+                await asyncio.sleep(gap)  # records arriving meanwhile join this commit
+            if self.stopping:
+                return  # stop() flushes (via release) itself
+            wakeup.clear()  # set again by appends during the commit: they get the next one
+            last = time.monotonic()
             try:
                 await self.flush()
             except SpoolError:
                 log.exception("group commit failed; ingest will stop")
                 return
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - t0)))
 
     async def _ship_loop(self) -> None:
         """Ship sealed segments; on store errors retry with exponential backoff."""

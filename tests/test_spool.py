@@ -161,3 +161,83 @@ async def test_group_commit_fsyncs_every_file_and_fails_as_a_whole(tmp_path: Pat
         for plog in plogs:
             plog.close_sync()
         await spool.stop()
+
+
+async def test_adaptive_group_commit(tmp_path: Path) -> None:
+    """The committer commits as soon as it is woken (records pending, none in flight), not on
+    the next tick of the interval; commits start at least ``commit_spacing_s`` apart; records
+    appended while a commit is in flight go into the next commit; without a wake-up the
+    interval still bounds how long records wait."""
+    import asyncio
+    import time
+
+    from replicator.segment.writer import ActiveSegment
+
+    store = LocalStore(root=tmp_path / "store")
+    spacing = 0.3
+    spool = Spool(
+        settings=SpoolSettings(data_dir=tmp_path, flush_interval_s=1.5, commit_spacing_s=spacing),
+        store=store, metrics=Metrics(),
+    )
+    plog = await spool.open_partition("attendance", 0)
+    plog.start_at(0)
+    assert plog.builder is not None
+    builder = plog.builder
+
+    def fill(n: int) -> None:
+        start = builder.position
+        for off in range(start, start + n):
+            builder.append(off, 1000 + off, 0, b"k", b"v%d" % off, [])
+
+    async def until(cond: Any, timeout: float) -> float:
+        t0 = time.monotonic()
+        while not cond():
+            assert time.monotonic() - t0 < timeout, "timed out"
+            await asyncio.sleep(0.002)
+        return time.monotonic() - t0
+
+    starts: list[float] = []
+    orig_sync = ActiveSegment.sync
+    gate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def sync(self: ActiveSegment) -> None:  # worker thread: the commit is in flight here
+        starts.append(time.monotonic())
+        if len(starts) == 2:
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(timeout=10)
+        orig_sync(self)
+
+    ActiveSegment.sync = sync  # type: ignore[method-assign]
+    await spool.start()
+    try:
+        await asyncio.sleep(spacing)  # the committer idles: nothing pending
+        assert spool.flushes == 0
+        fill(10)
+        spool.wake()
+        # woken: committed at once (the interval is 1.5 s)
+        assert await until(lambda: plog.durable == 10, 1.0) < 1.0
+        assert spool.flushes == 1
+        # the second commit is held in its fsync; records appended meanwhile wait for it
+        fill(5)
+        spool.wake()
+        await until(lambda: len(starts) == 2, 2.0)
+        assert starts[1] - starts[0] >= spacing - 0.02
+        fill(7)
+        spool.wake()
+        await asyncio.sleep(0.05)
+        assert plog.durable == 10 and spool.flushes == 1
+        gate.set()
+        await until(lambda: plog.durable == 15, 2.0)
+        # ... and are committed by the next commit, once spacing allows
+        await until(lambda: plog.durable == 22, 2.0)
+        assert spool.flushes == 3 and starts[2] - starts[1] >= spacing - 0.02
+        # not woken: the interval still commits (bounded wait)
+        fill(3)
+        t0 = time.monotonic()
+        await until(lambda: plog.durable == 25, 5.0)
+        assert time.monotonic() - t0 >= 0.5  # not before the interval's tick
+    finally:
+        ActiveSegment.sync = orig_sync  # type: ignore[method-assign]
+        await spool.stop()
+    names = [o.name for o in await store.list("segments/")]
+    assert names == ["segments/attendance/000000/00000000000000000000-00000000000000000025.seg"]
