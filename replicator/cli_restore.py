@@ -123,7 +123,10 @@ def restore(ctx: click.Context, at_text: str | None, offsets_text: str | None,
     from replicator.restore.runner import default_schema_name, execute_restore, make_plan
 
     if (at_text is None) == (offsets_text is None):
-        raise click.UsageError("give exactly one of --at or --offsets")
+        click.echo("replicator: error: give exactly one of --at (a time or 'latest') or "
+                   "--offsets (topic:partition:end_offset,...); see replicator restore --help",
+                   err=True)
+        sys.exit(2)
     cfg = _config(ctx)
     reg = _registry()
     cat = _catalog(cfg)
