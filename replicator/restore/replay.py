@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -47,9 +48,11 @@ _decode_head = msgspec.json.Decoder(_Head).decode
 Change = tuple[int, int, int, int, bytes | None, bytes | None, bytes]
 
 
-@dataclass(frozen=True, slots=True)
-class LiveRow:
-    """One key's state: the original event bytes of its winning change and where it was."""
+class LiveRow(NamedTuple):
+    """One key's state: the original event bytes of its winning change and where it was.
+
+    A named tuple, not a frozen dataclass: one is built per restored row, and a frozen
+    dataclass's ``__init__`` costs several times more."""
 
     key: str
     value: bytes
