@@ -242,18 +242,22 @@ def iter_records(raw: bytes) -> Iterator[Record]:
             pos += vlen
         headers: list[tuple[str, bytes | None]] = []
         for _ in range(hcount):
-            (nlen,) = HEADER_NAME.unpack_from(raw, pos)
-            pos += HEADER_NAME.size
-            name = raw[pos : pos + nlen].decode()
-            pos += nlen
-            (hlen,) = HEADER_VALUE.unpack_from(raw, pos)
-            pos += HEADER_VALUE.size
-            hval: bytes | None = None
-            if hlen >= 0:
-                hval = raw[pos : pos + hlen]
-                pos += hlen
-            headers.append((name, hval))
+            header, pos = _decode_header(raw, pos)
+            headers.append(header)
         yield Record(offset, ts, ts_type, key, value, tuple(headers))
+
+
+def _decode_header(raw: bytes, pos: int) -> tuple[tuple[str, bytes | None], int]:
+    """One header at ``pos``: ``((name, value), position after it)``."""
+    (nlen,) = HEADER_NAME.unpack_from(raw, pos)
+    pos += HEADER_NAME.size
+    name = raw[pos : pos + nlen].decode()
+    pos += nlen
+    (hlen,) = HEADER_VALUE.unpack_from(raw, pos)
+    pos += HEADER_VALUE.size
+    if hlen < 0:
+        return (name, None), pos
+    return (name, raw[pos : pos + hlen]), pos + hlen
 
 
 def decode_headers(raw: bytes) -> list[tuple[str, bytes | None]]:
@@ -261,47 +265,9 @@ def decode_headers(raw: bytes) -> list[tuple[str, bytes | None]]:
     out: list[tuple[str, bytes | None]] = []
     pos = 0
     while pos < len(raw):
-        (nlen,) = HEADER_NAME.unpack_from(raw, pos)
-        pos += HEADER_NAME.size
-        name = raw[pos : pos + nlen].decode()
-        pos += nlen
-        (hlen,) = HEADER_VALUE.unpack_from(raw, pos)
-        pos += HEADER_VALUE.size
-        val: bytes | None = None
-        if hlen >= 0:
-            val = raw[pos : pos + hlen]
-            pos += hlen
-        out.append((name, val))
+        header, pos = _decode_header(raw, pos)
+        out.append(header)
     return out
-
-
-def iter_values(raw: bytes) -> Iterator[tuple[int, int, bytes | None]]:
-    """``(offset, timestamp, value)`` of each record of a block payload, in order.
-
-    The restore's hot loop: skips keys and headers without decoding them.
-    """
-    pos = 0
-    n = len(raw)
-    unpack = RECORD_HEADER.unpack_from
-    rsize = RECORD_HEADER.size
-    name_unpack = HEADER_NAME.unpack_from
-    nsize = HEADER_NAME.size
-    hval_unpack = HEADER_VALUE.unpack_from
-    hsize = HEADER_VALUE.size
-    while pos < n:
-        offset, ts, _ts_type, klen, vlen, hcount = unpack(raw, pos)
-        pos += rsize
-        if klen > 0:
-            pos += klen
-        value: bytes | None = None
-        if vlen >= 0:
-            value = raw[pos : pos + vlen]
-            pos += vlen
-        for _ in range(hcount):
-            pos += nsize + name_unpack(raw, pos)[0]
-            (hlen,) = hval_unpack(raw, pos)
-            pos += hsize + (hlen if hlen > 0 else 0)
-        yield offset, ts, value
 
 
 def encode_block(

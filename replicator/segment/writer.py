@@ -105,44 +105,17 @@ class BlockBuilder:
         value: bytes | None,
         headers: Sequence[tuple[str, bytes | None]],
     ) -> None:
-        """Add one record; offsets must increase. Hot path.
-
-        Appends exactly the bytes of :func:`replicator.segment.format.encode_record`; if
-        framing fails (a bad argument) nothing is appended.
-        """
-        buf = self._buf
-        mark = len(buf)
-        try:
-            buf += _pack_record_header(
-                offset,
-                timestamp,
-                timestamp_type,
-                -1 if key is None else len(key),
-                -1 if value is None else len(value),
-                len(headers),
-            )
-            if key:
-                buf += key
-            if value:
-                buf += value
-            if headers:
-                buf += _encode_headers(headers)
-        except BaseException:
-            del buf[mark:]
-            raise
-        self._count += 1
-        min_ts = self._min_ts
-        if min_ts == _NO_TS or timestamp < min_ts:
-            self._min_ts = timestamp
-        if timestamp > self._max_ts:
-            self._max_ts = timestamp
-        self.position = offset + 1
+        """Add one record; offsets must increase. If framing fails (a bad argument) nothing
+        is appended. The same bytes as :func:`replicator.segment.format.encode_record`; the
+        framing itself lives in :meth:`extend` (the hot path)."""
+        self.extend((fmt.Record(offset, timestamp, timestamp_type, key, value,
+                                tuple(headers)),))
 
     def extend(self, records: Sequence[_Record]) -> None:
-        """Add several records at once (offsets increasing); the same bytes as one
-        :meth:`append` each, in one loop (hot path: ingest frames every fetched run of
-        valid records with one call). Records are read by attribute, like aiokafka's
-        ``ConsumerRecord``.
+        """Add several records at once (offsets increasing), framed exactly like
+        :func:`replicator.segment.format.encode_record`, in one loop (hot path: ingest frames
+        every fetched run of valid records with one call). Records are read by attribute,
+        like aiokafka's ``ConsumerRecord``.
 
         Consecutive records usually carry equal headers (one producer, one entity), so the
         previous record's encoded headers are reused when the headers compare equal. If
