@@ -29,10 +29,10 @@ from replicator.storage.base import Store
 
 
 @dataclass(frozen=True, slots=True)
-class SegmentEntry:
-    """One segment as the catalog sees it."""
+class SegmentInfo:
+    """What a segment's footer (or scanned blocks) say about it: enough to plan reads."""
 
-    name: str
+    name: str  # store name, or spool path
     location: str  # "store" | "spool"
     topic: str
     partition: int
@@ -43,6 +43,12 @@ class SegmentEntry:
     max_ts: int
     watermark_ms: int
     bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEntry(SegmentInfo):
+    """One segment as the catalog sees it."""
+
     raw_bytes: int
     blocks: int
     sealed: bool

@@ -27,10 +27,11 @@ replay of ``[first, cut)`` with a state load, followed by the same segment reads
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from replicator.catalog import SegmentInfo as SegmentInfo  # re-exported: plans are built from it
 from replicator.errors import BackupIncompleteError, BadRequestError, PointNotRestorableError
 from replicator.restore.point import AtOffsets, Latest, Point, format_ms
 
@@ -38,23 +39,6 @@ TP = tuple[str, int]
 
 #: Planning estimate of replay speed (events/s) for ``--dry-run``; the real figure is measured.
 REPLAY_EVENTS_PER_S = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentInfo:
-    """What the planner needs to know about one segment file."""
-
-    name: str  # store name, or spool path
-    location: str  # "store" | "spool"
-    topic: str
-    partition: int
-    start: int
-    end: int
-    records: int
-    min_ts: int
-    max_ts: int
-    watermark_ms: int
-    bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +190,26 @@ def _chain(segs: Sequence[SegmentInfo], wm: WatermarkInfo | None) -> _Chain:
     return _Chain(chain, first, pos, hole, newest)
 
 
+def _chains(segments: Iterable[SegmentInfo], watermarks: Iterable[WatermarkInfo],
+            topics: Collection[str]) -> dict[TP, _Chain]:
+    """The chain of every partition of ``topics`` that has segments or a watermark object,
+    in (topic, partition) order."""
+    by_tp: dict[TP, list[SegmentInfo]] = {}
+    for s in segments:
+        if s.topic in topics:
+            by_tp.setdefault((s.topic, s.partition), []).append(s)
+    wms = {(w.topic, w.partition): w for w in watermarks if w.topic in topics}
+    return {tp: _chain(by_tp.get(tp, []), wms.get(tp)) for tp in sorted(set(by_tp) | set(wms))}
+
+
+def _window(chains: Iterable[_Chain]) -> Window:
+    """Oldest record time and the newest point every partition has durably covered."""
+    cs = list(chains)
+    oldest = min((s.min_ts for c in cs for s in c.segments if s.records), default=None)
+    newest = (min(c.newest_ms for c in cs) or None) if cs else None
+    return Window(oldest, newest)
+
+
 def plan_restore(
     segments: Iterable[SegmentInfo],
     watermarks: Iterable[WatermarkInfo],
@@ -227,12 +231,8 @@ def plan_restore(
             raise BadRequestError(f"unknown entity {e!r}; known: {', '.join(known)}")
     topics = {t: e for t, e in topic_entities.items() if e in wanted}
 
-    by_tp: dict[TP, list[SegmentInfo]] = {}
-    for s in segments:
-        if s.topic in topics:
-            by_tp.setdefault((s.topic, s.partition), []).append(s)
-    wms = {(w.topic, w.partition): w for w in watermarks if w.topic in topics}
-    tps = sorted(set(by_tp) | set(wms))
+    chains = _chains(segments, watermarks, topics)
+    tps = list(chains)
 
     if isinstance(point, AtOffsets):
         for tp in point.ends:
@@ -266,11 +266,9 @@ def plan_restore(
             oldest_ms=None, newest_ms=None,
         )
 
-    chains = {tp: _chain(by_tp.get(tp, []), wms.get(tp)) for tp in tps}
-    oldest = min((s.min_ts for c in chains.values() for s in c.segments if s.records),
-                 default=None)
-    newest = min(c.newest_ms for c in chains.values()) or None
-    window = Window(oldest, newest)
+    chains = {tp: chains[tp] for tp in tps}
+    window = _window(chains.values())
+    oldest, newest = window.oldest_ms, window.newest_ms
     holes = tuple((tp, c.hole[0], c.hole[1]) for tp, c in chains.items() if c.hole)
 
     at_ms: int | None
@@ -403,22 +401,13 @@ def describe_backups(
     out: list[EntityBackups] = []
     for entity in sorted(set(topic_entities.values())):
         topics = {t for t, e in topic_entities.items() if e == entity}
-        by_tp: dict[TP, list[SegmentInfo]] = {}
-        for s in segs:
-            if s.topic in topics:
-                by_tp.setdefault((s.topic, s.partition), []).append(s)
-        wm = {(w.topic, w.partition): w for w in wms if w.topic in topics}
-        tps = sorted(set(by_tp) | set(wm))
-        chains = [_chain(by_tp.get(tp, []), wm.get(tp)) for tp in tps]
-        oldest = min((s.min_ts for c in chains for s in c.segments if s.records), default=None)
-        newest = (min(c.newest_ms for c in chains) or None) if chains else None
-        used = [s for c in chains for s in c.segments]
+        chains = _chains(segs, wms, topics)
+        used = [s for c in chains.values() for s in c.segments]
         out.append(EntityBackups(
-            entity=entity, window=Window(oldest, newest), partitions=len(tps),
+            entity=entity, window=_window(chains.values()), partitions=len(chains),
             segments=len(used), events=sum(s.records for s in used),
             bytes=sum(s.bytes for s in used),
-            holes=tuple((tp, c.hole[0], c.hole[1]) for tp, c in zip(tps, chains, strict=True)
-                        if c.hole),
+            holes=tuple((tp, c.hole[0], c.hole[1]) for tp, c in chains.items() if c.hole),
         ))
     return out
 
@@ -438,14 +427,10 @@ def plan_scan(
     if entity not in known:
         raise BadRequestError(f"unknown entity {entity!r}; known: {', '.join(known)}")
     topics = {t for t, e in topic_entities.items() if e == entity}
-    by_tp: dict[TP, list[SegmentInfo]] = {}
-    for s in segments:
-        if s.topic in topics:
-            by_tp.setdefault((s.topic, s.partition), []).append(s)
-    wm = {(w.topic, w.partition): w for w in watermarks if w.topic in topics}
     plans: list[PartitionPlan] = []
-    for tp in sorted(by_tp):
-        c = _chain(by_tp[tp], wm.get(tp))
+    for tp, c in _chains(segments, watermarks, topics).items():
+        if not c.segments:
+            continue  # a partition known only from its watermark object: nothing to read
         reads: list[Read] = []
         pos = c.first
         for s in c.segments:

@@ -46,13 +46,7 @@ from replicator.targets import RestoreRecord, RowIn, Target, open_target
 async def load_catalog(catalog: Catalog) -> tuple[list[SegmentInfo], list[WatermarkInfo]]:
     """What the planner needs: every segment (store, then this host's spool) and the
     store's watermark objects."""
-    entries = await catalog.list(include_spool=True)
-    segs = [
-        SegmentInfo(name=e.name, location=e.location, topic=e.topic, partition=e.partition,
-                    start=e.start, end=e.end, records=e.records, min_ts=e.min_ts,
-                    max_ts=e.max_ts, watermark_ms=e.watermark_ms, bytes=e.bytes)
-        for e in entries
-    ]
+    segs: list[SegmentInfo] = list(await catalog.list(include_spool=True))
     wms = [
         WatermarkInfo(d["topic"], d["partition"], d["stored_end"], d["watermark_ms"])
         for d in await catalog.watermarks()
