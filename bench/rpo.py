@@ -227,6 +227,14 @@ async def baseline_run(
     )
     fetched = _marks()
     mono = time.monotonic
+
+    async def fetch() -> None:
+        """One getmany; note when each partition's records were handed over."""
+        batches = await consumer.getmany(timeout_ms=50, max_records=k.max_poll_records)
+        t = mono()
+        for tp, msgs in batches.items():
+            _mark(fetched, tp.topic, tp.partition, msgs[-1].offset + 1, t)
+
     await consumer.start()
     try:
         deadline = mono() + 60
@@ -238,20 +246,14 @@ async def baseline_run(
             bootstrap, workdir, names, rate=rate, seconds=seconds, events_n=events_n,
             seed=seed, tag="base"))
         while not pub_task.done():
-            batches = await consumer.getmany(timeout_ms=50, max_records=k.max_poll_records)
-            t = mono()
-            for tp, msgs in batches.items():
-                _mark(fetched, tp.topic, tp.partition, msgs[-1].offset + 1, t)
+            await fetch()
         pub, topic_of, acks = pub_task.result()
         need = _ends(topic_of, acks)
         deadline = mono() + 60
         while not all(fetched[tp][0] and fetched[tp][0][-1] >= end for tp, end in need.items()):
             if mono() > deadline:
                 raise RuntimeError("baseline consumer did not reach the acked offsets")
-            batches = await consumer.getmany(timeout_ms=50, max_records=k.max_poll_records)
-            t = mono()
-            for tp, msgs in batches.items():
-                _mark(fetched, tp.topic, tp.partition, msgs[-1].offset + 1, t)
+            await fetch()
     finally:
         await consumer.stop()
     lat: list[float] = []

@@ -14,11 +14,13 @@ code with the replay under test.
 from __future__ import annotations
 
 import random
+import sqlite3
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 
 from replicator import naming
@@ -161,3 +163,22 @@ def stored_rows(layout: TableLayout, rows: list[tuple[Any, ...]]) -> dict[str, t
 def layouts() -> dict[str, TableLayout]:
     reg = SchemaRegistry.load()
     return {e: TableLayout.from_schema(e, reg.json_schema(e)) for e in ENTITIES}
+
+
+def sqlite_rows(path: Path, layout: TableLayout) -> dict[str, tuple[Any, ...]]:
+    """What a restored SQLite file holds for one entity, in canonical form."""
+    cols = ", ".join(f'"{c.name}"' for c in (layout.columns[0], *layout.data_columns))
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(f'SELECT {cols} FROM "{layout.entity}"').fetchall()
+    return stored_rows(layout, rows)
+
+
+async def pg_rows(dsn: str, schema: str, layout: TableLayout) -> dict[str, tuple[Any, ...]]:
+    """What a restored PostgreSQL schema holds for one entity, in canonical form."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        cols = ", ".join(f'"{c.name}"' for c in (layout.columns[0], *layout.data_columns))
+        rows = await conn.fetch(f'SELECT {cols} FROM "{schema}"."{layout.entity}"')
+        return stored_rows(layout, [tuple(r) for r in rows])
+    finally:
+        await conn.close()

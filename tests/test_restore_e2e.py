@@ -33,7 +33,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 from replicator.demo import iter_events
 from replicator.ingest import Ingestor
 from replicator.publish import ChangePublisher
-from replicator.restore.layout import TableLayout
 from replicator.restore.point import format_ms
 from tests.helpers import (
     REPO_ROOT,
@@ -43,7 +42,7 @@ from tests.helpers import (
     wait_for,
     write_config_toml,
 )
-from tests.restore_history import ENTITIES, canonical_rows, layouts, stored_rows
+from tests.restore_history import ENTITIES, canonical_rows, layouts, pg_rows, sqlite_rows
 
 pytestmark = pytest.mark.integration
 
@@ -211,23 +210,6 @@ async def restore_json(w: World, *args: str) -> dict[str, Any]:
     assert res.returncode == 0, res.stderr
     doc: dict[str, Any] = orjson.loads(res.stdout)
     return doc
-
-
-def sqlite_rows(path: Path, layout: TableLayout) -> dict[str, tuple[Any, ...]]:
-    cols = ", ".join(f'"{c.name}"' for c in (layout.columns[0], *layout.data_columns))
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute(f'SELECT {cols} FROM "{layout.entity}"').fetchall()
-    return stored_rows(layout, rows)
-
-
-async def pg_rows(dsn: str, schema: str, layout: TableLayout) -> dict[str, tuple[Any, ...]]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        cols = ", ".join(f'"{c.name}"' for c in (layout.columns[0], *layout.data_columns))
-        rows = await conn.fetch(f'SELECT {cols} FROM "{schema}"."{layout.entity}"')
-        return stored_rows(layout, [tuple(r) for r in rows])
-    finally:
-        await conn.close()
 
 
 def points(w: World) -> list[int]:

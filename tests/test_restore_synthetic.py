@@ -24,7 +24,6 @@ from replicator.errors import (
     PointNotRestorableError,
     TargetError,
 )
-from replicator.restore.layout import TableLayout
 from replicator.restore.point import AtOffsets, AtTime, Latest, Point
 from replicator.restore.runner import RestoreReport, execute_restore, make_plan
 from replicator.schemas import SchemaRegistry
@@ -37,7 +36,8 @@ from tests.restore_history import (
     build_history,
     canonical_rows,
     layouts,
-    stored_rows,
+    pg_rows,
+    sqlite_rows,
 )
 
 TOPICS = ENTITIES
@@ -64,13 +64,6 @@ def restore(h: History, point: Point, url: str, **kw: Any) -> RestoreReport:
     return asyncio.run(go())
 
 
-def sqlite_state(path: Path, layout: TableLayout) -> dict[str, tuple[Any, ...]]:
-    cols = ", ".join(f'"{c.name}"' for c in (layout.columns[0], *layout.data_columns))
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute(f'SELECT {cols} FROM "{layout.entity}"').fetchall()
-    return stored_rows(layout, rows)
-
-
 def random_times(h: History, n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     ts = sorted({e.ts_ms for e in h.events})
@@ -88,7 +81,7 @@ def test_sqlite_matches_oracle_at_random_times(history: History, tmp_path: Path)
         assert all(r.ok for r in rep.results)
         for entity in ENTITIES:
             want = canonical_rows(lay[entity], oracle.state(entity, t))
-            got = sqlite_state(db, lay[entity])
+            got = sqlite_rows(db, lay[entity])
             assert got == want, f"{entity} at {t}"
             assert {r.entity: r.rows for r in rep.results}[entity] == len(want)
 
@@ -97,22 +90,13 @@ def test_postgres_matches_oracle_at_random_times(history: History, pg_dsn: str) 
     oracle = Oracle(history)
     lay = layouts()
 
-    async def read(schema: str, layout: TableLayout) -> dict[str, tuple[Any, ...]]:
-        conn = await asyncpg.connect(pg_dsn)
-        try:
-            cols = ", ".join(f'"{c.name}"' for c in (layout.columns[0], *layout.data_columns))
-            rows = await conn.fetch(f'SELECT {cols} FROM "{schema}"."{layout.entity}"')
-            return stored_rows(layout, [tuple(r) for r in rows])
-        finally:
-            await conn.close()
-
     for i, t in enumerate(random_times(history, 50, seed=2)):
         schema = f"oracle_{i}"
         rep = restore(history, AtTime(t), f"{pg_dsn}?schema={schema}")
         assert rep.schema == schema and all(r.ok for r in rep.results)
         for entity in ENTITIES:
             want = canonical_rows(lay[entity], oracle.state(entity, t))
-            assert asyncio.run(read(schema, lay[entity])) == want, f"{entity} at {t}"
+            assert asyncio.run(pg_rows(pg_dsn, schema, lay[entity])) == want, f"{entity} at {t}"
 
 
 def test_jsonl_latest_and_record(history: History, tmp_path: Path) -> None:
@@ -140,7 +124,7 @@ def test_offsets_restore_matches_oracle(history: History, tmp_path: Path) -> Non
         db = tmp_path / f"o{i}.db"
         restore(history, AtOffsets(ends), f"sqlite://{db}")
         want = canonical_rows(lay["attendance"], Oracle(history).state("attendance", ends=ends))
-        assert sqlite_state(db, lay["attendance"]) == want
+        assert sqlite_rows(db, lay["attendance"]) == want
 
 
 def test_entity_and_key_filters(history: History, tmp_path: Path) -> None:
@@ -148,7 +132,7 @@ def test_entity_and_key_filters(history: History, tmp_path: Path) -> None:
     keys = [*sorted(Oracle(history).state("participant"))[:3], "no-such-key"]
     rep = restore(history, Latest(), f"sqlite://{db}", entities=["participant"], keys=keys)
     assert [r.entity for r in rep.results] == ["participant"]
-    got = sqlite_state(db, layouts()["participant"])
+    got = sqlite_rows(db, layouts()["participant"])
     assert sorted(got) == keys[:3]
     with sqlite3.connect(db) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
