@@ -96,6 +96,27 @@ class CorruptSegmentError(SegmentError):
         self.offset = offset
 
 
+class CorruptSnapshotError(CorruptSegmentError):
+    """A snapshot file failed a checksum or structural check (``position``: byte position of
+    the bad block or footer). A subclass of :class:`CorruptSegmentError` so that every
+    caller that stops on a corrupt backup file stops on this one too."""
+
+    def __init__(self, path: str, position: int, reason: str, offset: int | None = None) -> None:
+        super().__init__(path, position, reason, offset)
+        self.args = (f"corrupt snapshot {path} at byte {position}: {reason}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CompactionError(ReplicatorError):
+    """A snapshot could not be built or verified; nothing was made visible."""
+
+
+class RetentionError(ReplicatorError):
+    """A retention run was refused or failed; what it already removed is reported."""
+
+
 class RestoreError(ReplicatorError):
     """Base of errors that stop a restore (or a look-up) before it claims success."""
 

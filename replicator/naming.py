@@ -26,6 +26,12 @@ TEMP_PREFIX = ".tmp-"
 
 SEGMENTS_ROOT = "segments"
 WATERMARKS_ROOT = "watermarks"
+SNAPSHOTS_ROOT = "snapshots"
+ARCHIVE_ROOT = "archive"
+MANIFEST_NAME = "manifest.json"
+SNAPSHOT_SUFFIX = ".snap"
+SNAPSHOT_KINDS = ("full", "differential", "incremental", "archive")
+RETENTION_STATE = "retention.json"
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _SEGMENT_RE = re.compile(
@@ -107,6 +113,53 @@ def parse_segment_name(name: str) -> SegmentName:
 
 def is_segment_name(name: str) -> bool:
     return _SEGMENT_RE.match(name) is not None
+
+
+_SNAPSHOT_ID_RE = re.compile(
+    r"^(?P<time>\d{20})-(?P<kind>full|differential|incremental|archive)-(?P<token>[0-9a-f]{6,32})$"
+)
+
+
+def snapshot_id(time_ms: int, kind: str, token: str) -> str:
+    """A snapshot's id: ``<time_ms:020d>-<kind>-<token>``; lexical order is time order."""
+    sid = f"{check_offset(time_ms):0{OFFSET_DIGITS}d}-{kind}-{token}"
+    parse_snapshot_id(sid)
+    return sid
+
+
+def parse_snapshot_id(sid: str) -> tuple[int, str]:
+    """``(time_ms, kind)`` of a snapshot id built by :func:`snapshot_id`."""
+    m = _SNAPSHOT_ID_RE.match(sid)
+    if m is None:
+        raise InvalidNameError(f"not a snapshot id: {sid!r}")
+    return int(m["time"]), m["kind"]
+
+
+def snapshot_dir(sid: str, root: str = SNAPSHOTS_ROOT) -> str:
+    """Store prefix of one snapshot (``root`` is ``snapshots`` or the archive tier's)."""
+    parse_snapshot_id(sid)
+    return f"{root}/{sid}/"
+
+
+def snapshot_manifest_name(sid: str, root: str = SNAPSHOTS_ROOT) -> str:
+    """The manifest: written last, create-only; its presence makes the snapshot visible."""
+    return snapshot_dir(sid, root) + MANIFEST_NAME
+
+
+def snapshot_file_name(sid: str, topic: str, root: str = SNAPSHOTS_ROOT) -> str:
+    """One topic's data file inside a snapshot."""
+    return snapshot_dir(sid, root) + check_topic(topic) + SNAPSHOT_SUFFIX
+
+
+def parse_snapshot_object(name: str) -> tuple[str, str, str] | None:
+    """``(root, snapshot id, file name)`` for an object under a snapshot directory."""
+    parts = name.split("/")
+    if len(parts) < 3:
+        return None
+    root, sid, rest = "/".join(parts[:-2]), parts[-2], parts[-1]
+    if _SNAPSHOT_ID_RE.match(sid) is None:
+        return None
+    return root, sid, rest
 
 
 def watermark_name(topic: str, partition: int) -> str:

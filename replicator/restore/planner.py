@@ -34,6 +34,7 @@ from typing import Any
 from replicator.catalog import SegmentInfo as SegmentInfo  # re-exported: plans are built from it
 from replicator.errors import BackupIncompleteError, BadRequestError, PointNotRestorableError
 from replicator.restore.point import AtOffsets, Latest, Point, format_ms
+from replicator.snapshot.manifest import Manifest, SnapshotFile, chain_of
 
 TP = tuple[str, int]
 
@@ -73,6 +74,8 @@ class PartitionPlan:
     first: int  # first offset the chain covers
     covered_end: int  # end of the chain
     newest_ms: int  # newest point this partition has durably covered (0: none)
+    #: where the segment reads start: the snapshot chain's cut (``None``: no snapshot)
+    snapshot_cut: int | None = None
 
     @property
     def events_estimate(self) -> int:
@@ -90,6 +93,7 @@ class PartitionPlan:
             "cut_offset": self.cut_offset,
             "cut_time": format_ms(self.cut_ms) if self.cut_ms is not None else None,
             "covered": [self.first, self.covered_end],
+            "snapshot_cut": self.snapshot_cut,
             "newest_restorable": format_ms(self.newest_ms) if self.newest_ms else None,
             "files": [
                 {"name": r.segment.name, "location": r.segment.location,
@@ -118,18 +122,26 @@ class RestorePlan:
     entities: tuple[str, ...]
     partitions: tuple[PartitionPlan, ...]
     holes: tuple[tuple[TP, int, int], ...] = field(default=())
+    #: the snapshot chain the restore starts from, base (a full) first; empty: none
+    snapshots: tuple[Manifest, ...] = field(default=())
+
+    def _snapshot_files(self) -> list[SnapshotFile]:
+        topics = {p.topic for p in self.partitions}
+        return [f for m in self.snapshots for f in m.files if f.topic in topics]
 
     @property
     def events_estimate(self) -> int:
-        return sum(p.events_estimate for p in self.partitions)
+        return sum(p.events_estimate for p in self.partitions) + sum(
+            f.entries for f in self._snapshot_files())
 
     @property
     def bytes(self) -> int:
-        return sum(p.bytes for p in self.partitions)
+        return sum(p.bytes for p in self.partitions) + sum(
+            f.bytes for f in self._snapshot_files())
 
     @property
     def files(self) -> int:
-        return sum(len(p.reads) for p in self.partitions)
+        return sum(len(p.reads) for p in self.partitions) + len(self._snapshot_files())
 
     @property
     def seconds_estimate(self) -> float:
@@ -146,12 +158,18 @@ class RestorePlan:
             "bytes": self.bytes,
             "events_estimate": self.events_estimate,
             "seconds_estimate": self.seconds_estimate,
+            "snapshots": [
+                {"id": m.id, "kind": m.kind, "time": format_ms(m.time_ms),
+                 "files": [{"name": f.name, "bytes": f.bytes, "entries": f.entries}
+                           for f in m.files if f.topic in {p.topic for p in self.partitions}]}
+                for m in self.snapshots
+            ],
             "partitions": [p.to_json() for p in self.partitions],
         }
 
 
 @dataclass(slots=True)
-class _Chain:
+class Chain:
     segments: list[SegmentInfo]
     first: int
     end: int
@@ -159,7 +177,7 @@ class _Chain:
     newest_ms: int
 
 
-def _chain(segs: Sequence[SegmentInfo], wm: WatermarkInfo | None) -> _Chain:
+def _chain(segs: Sequence[SegmentInfo], wm: WatermarkInfo | None) -> Chain:
     """Contiguous segments from the lowest covered offset; see the module docstring."""
     ordered = sorted(segs, key=lambda s: (s.start, s.location != "store", -s.end))
     chain: list[SegmentInfo] = []
@@ -187,11 +205,11 @@ def _chain(segs: Sequence[SegmentInfo], wm: WatermarkInfo | None) -> _Chain:
         stored_end = wm.stored_end
         if (stored_end is None and not chain) or (stored_end is not None and stored_end <= pos):
             newest = wm.watermark_ms
-    return _Chain(chain, first, pos, hole, newest)
+    return Chain(chain, first, pos, hole, newest)
 
 
-def _chains(segments: Iterable[SegmentInfo], watermarks: Iterable[WatermarkInfo],
-            topics: Collection[str]) -> dict[TP, _Chain]:
+def segment_chains(segments: Iterable[SegmentInfo], watermarks: Iterable[WatermarkInfo],
+            topics: Collection[str]) -> dict[TP, Chain]:
     """The chain of every partition of ``topics`` that has segments or a watermark object,
     in (topic, partition) order."""
     by_tp: dict[TP, list[SegmentInfo]] = {}
@@ -202,12 +220,132 @@ def _chains(segments: Iterable[SegmentInfo], watermarks: Iterable[WatermarkInfo]
     return {tp: _chain(by_tp.get(tp, []), wms.get(tp)) for tp in sorted(set(by_tp) | set(wms))}
 
 
-def _window(chains: Iterable[_Chain]) -> Window:
+def window_of(chains: Iterable[Chain]) -> Window:
     """Oldest record time and the newest point every partition has durably covered."""
     cs = list(chains)
     oldest = min((s.min_ts for c in cs for s in c.segments if s.records), default=None)
     newest = (min(c.newest_ms for c in cs) or None) if cs else None
     return Window(oldest, newest)
+
+
+@dataclass(frozen=True, slots=True)
+class Base:
+    """Where a restore can start: a snapshot chain (``links``, base first) or, with no
+    links, the segments from each partition's first stored offset."""
+
+    links: tuple[Manifest, ...]
+    #: per partition, the offset the segment reads start from
+    starts: Mapping[TP, int]
+    #: the segments from the chain's cut are gone (an archive point): only the snapshot's
+    #: own point (its time, or exactly its cut) can be restored from it
+    alone: bool = False
+
+    @property
+    def time_ms(self) -> int | None:
+        return self.links[-1].time_ms if self.links else None
+
+
+def snapshot_chains(snapshots: Iterable[Manifest]) -> list[tuple[Manifest, ...]]:
+    """Every complete chain (a full, then its links) ending at one of ``snapshots``."""
+    snaps = list(snapshots)
+    by_id = {m.id: m for m in snaps}
+    return [tuple(c) for m in snaps if (c := chain_of(m.id, by_id)) is not None]
+
+
+def bases(chains: Mapping[TP, Chain], snapshots: Iterable[Manifest],
+          trimmed: Mapping[TP, int] | None = None) -> list[Base]:
+    """Every usable base for the partitions of ``chains``. The origin (no snapshot) is one
+    only while retention has removed no segment of those partitions (``trimmed``: per
+    partition, the offset below which segments were deleted)."""
+    trimmed = trimmed or {}
+    topics = {tp[0] for tp in chains}
+    out: list[Base] = []
+    if all(not trimmed.get(tp, 0) for tp in chains):
+        out.append(Base((), {tp: c.first for tp, c in chains.items()}))
+    for links in snapshot_chains(snapshots):
+        if any(t not in {f.topic for f in link.files} for link in links for t in topics):
+            continue
+        last = links[-1]
+        starts: dict[TP, int] = {}
+        alone = False
+        usable = True
+        for tp, c in chains.items():
+            cut = last.cut.get(tp)
+            if cut is None:  # a partition created after the snapshot
+                usable = usable and not trimmed.get(tp, 0)
+                starts[tp] = c.first
+            else:
+                starts[tp] = cut
+                alone = alone or not c.first <= cut <= c.end
+        if usable:
+            out.append(Base(links, starts, alone))
+    return out
+
+
+def _fits(base: Base, at_ms: int | None, ends: Mapping[TP, int] | None,
+          chains: Mapping[TP, Chain]) -> bool:
+    """Can ``base`` serve the point (a time, or per-partition end offsets)?"""
+    if not base.links:
+        return ends is None or all(not 0 < ends[tp] < c.first for tp, c in chains.items())
+    last = base.links[-1]
+    if ends is not None:
+        if base.alone:
+            return all(ends[tp] == base.starts[tp] for tp in chains)
+        return all(base.starts[tp] <= ends[tp] for tp in chains)
+    assert at_ms is not None
+    return at_ms == last.time_ms if base.alone else last.time_ms <= at_ms
+
+
+def _reads(c: Chain, start: int, at_ms: int | None, end: int | None, alone: bool
+           ) -> list[Read]:
+    reads: list[Read] = []
+    if alone:
+        return reads
+    pos = c.first
+    for s in c.segments:
+        lo, hi = max(pos, s.start, start), s.end
+        pos = hi
+        if hi <= lo:
+            continue
+        if end is not None:
+            if lo >= end:
+                break
+            hi = min(hi, end)
+        elif at_ms is not None and (not s.records or s.min_ts > at_ms):
+            continue
+        if s.records:
+            reads.append(Read(s, lo, hi))
+    return reads
+
+
+def _cost(base: Base, chains: Mapping[TP, Chain], at_ms: int | None,
+          ends: Mapping[TP, int] | None) -> int:
+    topics = {tp[0] for tp in chains}
+    snap = sum(f.bytes for m in base.links for f in m.files if f.topic in topics)
+    return snap + sum(
+        r.segment.bytes for tp, c in chains.items()
+        for r in _reads(c, base.starts[tp], at_ms, ends[tp] if ends else None, base.alone))
+
+
+def window_with(chains: Mapping[TP, Chain], usable: Iterable[Base]) -> Window:
+    """The restorable window: newest from the segment chains (:func:`window_of`), oldest
+    from the oldest base that segments continue (an archive point is not a window)."""
+    w = window_of(chains.values())
+    oldest: int | None = None
+    for b in usable:
+        if b.alone:
+            continue
+        t = w.oldest_ms if not b.links else b.links[-1].time_ms
+        if t is not None and (oldest is None or t < oldest):
+            oldest = t
+    return Window(oldest, w.newest_ms)
+
+
+def _archive_points(usable: Iterable[Base]) -> str:
+    pts = sorted({b.links[-1].time_ms for b in usable if b.alone and b.links})
+    if not pts:
+        return ""
+    return "; archive points (restorable exactly): " + ", ".join(format_ms(t) for t in pts)
 
 
 def plan_restore(
@@ -217,10 +355,14 @@ def plan_restore(
     topic_entities: Mapping[str, str],
     point: Point,
     entities: Sequence[str] | None = None,
+    snapshots: Iterable[Manifest] = (),
+    trimmed: Mapping[TP, int] | None = None,
 ) -> RestorePlan:
     """Plan a restore of ``entities`` (default: all in ``topic_entities``) to ``point``.
 
-    Raises :class:`BadRequestError` (unknown entity/topic/partition, offsets beyond what is
+    Among the usable bases (the segments from the start, or a snapshot chain followed by the
+    segments from its cut) the one reading the fewest bytes wins. Raises
+    :class:`BadRequestError` (unknown entity/topic/partition, offsets beyond what is
     stored), :class:`PointNotRestorableError` (outside the window, or no backup at all) and
     :class:`BackupIncompleteError` (the point needs data past a missing segment).
     """
@@ -230,8 +372,9 @@ def plan_restore(
         if e not in known:
             raise BadRequestError(f"unknown entity {e!r}; known: {', '.join(known)}")
     topics = {t: e for t, e in topic_entities.items() if e in wanted}
+    snaps = list(snapshots)
 
-    chains = _chains(segments, watermarks, topics)
+    chains = segment_chains(segments, watermarks, topics)
     tps = list(chains)
 
     if isinstance(point, AtOffsets):
@@ -267,13 +410,16 @@ def plan_restore(
         )
 
     chains = {tp: chains[tp] for tp in tps}
-    window = _window(chains.values())
+    usable = bases(chains, snaps, trimmed)
+    window = window_with(chains, usable)
     oldest, newest = window.oldest_ms, window.newest_ms
     holes = tuple((tp, c.hole[0], c.hole[1]) for tp, c in chains.items() if c.hole)
 
     at_ms: int | None
+    ends: Mapping[TP, int] | None = None
     if isinstance(point, AtOffsets):
         at_ms = None
+        ends = point.ends
         for tp, end in point.ends.items():
             c = chains[tp]
             if end > c.end:
@@ -286,12 +432,16 @@ def plan_restore(
                     f"offset {end} for {tp[0]}:{tp[1]} is beyond what is stored "
                     f"(covered [{c.first}, {c.end}))"
                 )
-            if 0 < end < c.first:
-                raise PointNotRestorableError(
-                    f"offset {end} for {tp[0]}:{tp[1]} is before the oldest retained data "
-                    f"(first stored offset {c.first})",
-                    oldest_ms=oldest, newest_ms=newest,
-                )
+        fitting = [b for b in usable if _fits(b, None, ends, chains)]
+        if not fitting:
+            early = [(tp, e) for tp, e in ends.items() if 0 < e < chains[tp].first] or [
+                (tp, e) for tp, e in ends.items()]
+            (t, p), e = early[0]
+            raise PointNotRestorableError(
+                f"offset {e} for {t}:{p} is before the oldest retained data "
+                f"(first stored offset {chains[(t, p)].first})" + _archive_points(usable),
+                oldest_ms=oldest, newest_ms=newest,
+            )
     else:
         if newest is None:
             raise PointNotRestorableError(
@@ -308,10 +458,12 @@ def plan_restore(
                 f"{format_ms(newest)} (restore it explicitly with --at if that is acceptable)"
             )
         at_ms = newest if isinstance(point, Latest) else point.ts_ms
-        if oldest is not None and at_ms < oldest:
+        fitting = [b for b in usable if _fits(b, at_ms, None, chains)]
+        if not fitting or (oldest is not None and at_ms < oldest
+                           and not any(b.alone for b in fitting)):
             raise PointNotRestorableError(
                 f"{format_ms(at_ms)} is before the oldest retained data; "
-                f"restorable window: {window.describe()}",
+                f"restorable window: {window.describe()}" + _archive_points(usable),
                 oldest_ms=oldest, newest_ms=newest,
             )
         if at_ms > newest:
@@ -331,31 +483,24 @@ def plan_restore(
                 oldest_ms=oldest, newest_ms=newest,
             )
 
+    # fewest bytes; on a tie the newer base (fewer events to fold)
+    base = min(fitting, key=lambda b: (_cost(b, chains, at_ms, ends), -(b.time_ms or -1)))
     plans: list[PartitionPlan] = []
     for tp in tps:
         c = chains[tp]
-        reads: list[Read] = []
-        pos = c.first
-        cut_offset = point.ends[tp] if isinstance(point, AtOffsets) else None
-        for s in c.segments:
-            lo, hi = max(pos, s.start), s.end
-            pos = hi
-            if cut_offset is not None:
-                if lo >= cut_offset:
-                    break
-                hi = min(hi, cut_offset)
-            elif at_ms is not None and (not s.records or s.min_ts > at_ms):
-                continue
-            if s.records:
-                reads.append(Read(s, lo, hi))
+        cut_offset = ends[tp] if ends is not None else None
+        start = base.starts[tp]
         plans.append(PartitionPlan(
-            topic=tp[0], partition=tp[1], entity=topics[tp[0]], reads=tuple(reads),
+            topic=tp[0], partition=tp[1], entity=topics[tp[0]],
+            reads=tuple(_reads(c, start, at_ms, cut_offset, base.alone)),
             cut_offset=cut_offset, cut_ms=at_ms if cut_offset is None else None,
             first=c.first, covered_end=c.end, newest_ms=c.newest_ms,
+            snapshot_cut=start if base.links else None,
         ))
     return RestorePlan(
         point=point, at_ms=at_ms, window=window,
         entities=tuple(sorted(set(topics.values()))), partitions=tuple(plans), holes=holes,
+        snapshots=base.links,
     )
 
 
@@ -401,10 +546,10 @@ def describe_backups(
     out: list[EntityBackups] = []
     for entity in sorted(set(topic_entities.values())):
         topics = {t for t, e in topic_entities.items() if e == entity}
-        chains = _chains(segs, wms, topics)
+        chains = segment_chains(segs, wms, topics)
         used = [s for c in chains.values() for s in c.segments]
         out.append(EntityBackups(
-            entity=entity, window=_window(chains.values()), partitions=len(chains),
+            entity=entity, window=window_of(chains.values()), partitions=len(chains),
             segments=len(used), events=sum(s.records for s in used),
             bytes=sum(s.bytes for s in used),
             holes=tuple((tp, c.hole[0], c.hole[1]) for tp, c in chains.items() if c.hole),
@@ -428,7 +573,7 @@ def plan_scan(
         raise BadRequestError(f"unknown entity {entity!r}; known: {', '.join(known)}")
     topics = {t for t, e in topic_entities.items() if e == entity}
     plans: list[PartitionPlan] = []
-    for tp, c in _chains(segments, watermarks, topics).items():
+    for tp, c in segment_chains(segments, watermarks, topics).items():
         if not c.segments:
             continue  # a partition known only from its watermark object: nothing to read
         reads: list[Read] = []

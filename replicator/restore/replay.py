@@ -26,10 +26,13 @@ from typing import NamedTuple
 
 import msgspec
 
-from replicator.errors import CorruptSegmentError
+from replicator.errors import CorruptSegmentError, CorruptSnapshotError
 from replicator.restore.planner import PartitionPlan, RestorePlan, SegmentInfo
 from replicator.segment import format as fmt
 from replicator.segment.reader import SegmentReader
+from replicator.snapshot import format as sfmt
+from replicator.snapshot.file import SnapshotFileReader
+from replicator.snapshot.manifest import Manifest
 
 
 class _Head(msgspec.Struct, gc=False):
@@ -72,10 +75,12 @@ class ReplayStats:
 
 
 Opener = Callable[[SegmentInfo], Path]
+#: (snapshot manifest, file's store name) -> a local path of that file
+SnapshotOpener = Callable[[Manifest, str], Path]
 Progress = Callable[[int], None]
 
 
-def _replay_partition(
+def fold_partition(
     pp: PartitionPlan,
     rank: int,
     opener: Opener,
@@ -83,12 +88,23 @@ def _replay_partition(
     stats: ReplayStats,
     progress: Progress | None,
     keep_record: bool = False,
-) -> dict[str, Change]:
-    """The last change per key of one partition. The hot loop of a restore: record framing
-    is parsed inline (see docs/FORMAT.md), headers are skipped by comparing with the
-    previous record's header bytes (publishers send the same headers on every record), and
-    only ``key``/``op``/``version`` of each value are decoded."""
-    out: dict[str, Change] = {}
+    *,
+    out: dict[str, Change] | None = None,
+    stop_ms: int | None = None,
+    after_block: Callable[[dict[str, Change]], None] | None = None,
+) -> tuple[dict[str, Change], int | None]:
+    """Fold one partition's planned reads into ``out`` (the last change per key); return it
+    and, with ``stop_ms``, the offset of the first record whose timestamp is above
+    ``stop_ms`` (reading stops there; ``None`` when every record is at or below it).
+
+    The hot loop of restore and compaction: record framing is parsed inline (see
+    docs/FORMAT.md), headers are skipped by comparing with the previous record's header
+    bytes (publishers send the same headers on every record), and only
+    ``key``/``op``/``version`` of each value are decoded. ``pp.cut_ms`` *filters* records
+    (a restore to T skips later ones wherever they are); ``stop_ms`` *ends* the partition
+    (a snapshot cut is an offset). ``after_block`` may empty ``out`` (compaction spills)."""
+    if out is None:
+        out = {}
     cut_ms = pp.cut_ms
     unpack = fmt.RECORD_HEADER.unpack_from
     rsize = fmt.RECORD_HEADER.size
@@ -111,6 +127,7 @@ def _replay_partition(
                 n = 0
                 pos = 0
                 size = len(raw)
+                stopped: int | None = None
                 while pos < size:
                     off, ts, _tt, klen, vlen, hcount = unpack(raw, pos)
                     pos += rsize
@@ -139,6 +156,9 @@ def _replay_partition(
                         continue
                     if off >= hi:
                         break
+                    if stop_ms is not None and ts > stop_ms:
+                        stopped = off
+                        break
                     if cut_ms is not None and ts > cut_ms:
                         continue
                     n += 1
@@ -160,12 +180,61 @@ def _replay_partition(
                 stats.bytes += meta.size
                 if progress is not None:
                     progress(n)
-    return out
+                if after_block is not None:
+                    after_block(out)
+                if stopped is not None:
+                    return out, stopped
+    return out, None
 
 
 def _beats(a: Change, b: Change) -> bool:
     """Cross-partition: does ``a`` (from one partition) win over ``b`` (from another)?"""
     return (a[0], a[1], a[2]) > (b[0], b[1], b[2])
+
+
+def load_snapshots(
+    plan: RestorePlan,
+    snapshot_opener: SnapshotOpener,
+    *,
+    keys: Collection[str] | None = None,
+    stats: ReplayStats | None = None,
+    progress: Progress | None = None,
+    keep_record: bool = False,
+) -> dict[tuple[str, int], dict[str, Change]]:
+    """The state of each planned partition at the snapshot chain's cut: the chain's links
+    read base first, a later link's entry replacing an earlier one for the same key and
+    partition (docs/FORMAT.md §7.3). Partitions the plan does not restore are skipped."""
+    stats = stats if stats is not None else ReplayStats()
+    rank_of = {(pp.topic, pp.partition): i for i, pp in enumerate(plan.partitions)}
+    topics = {pp.topic for pp in plan.partitions}
+    initial: dict[tuple[str, int], dict[str, Change]] = {tp: {} for tp in rank_of}
+    for link in plan.snapshots:
+        for f in link.files:
+            if f.topic not in topics:
+                continue
+            stats.files += 1
+            with SnapshotFileReader(snapshot_opener(link, f.name), name=f.name) as r:
+                for b, raw in r.block_payloads():
+                    try:
+                        entries = list(sfmt.iter_entries(raw))
+                    except (ValueError, UnicodeDecodeError) as exc:
+                        raise CorruptSnapshotError(f.name, b.position,
+                                                   f"bad entry framing: {exc}") from None
+                    for key, part, off, ts, ver, value, kkey, hdrs in entries:
+                        if keys is not None and key not in keys:
+                            continue
+                        tp = (f.topic, part)
+                        rank = rank_of.get(tp)
+                        if rank is None:
+                            continue
+                        initial[tp][key] = (ver, ts, rank, off, value,
+                                            kkey if keep_record else None,
+                                            hdrs if keep_record else b"")
+                    stats.events += len(entries)
+                    stats.bytes += b.size
+                    if progress is not None:
+                        progress(len(entries))
+    return initial
 
 
 def replay(
@@ -176,15 +245,25 @@ def replay(
     stats: ReplayStats | None = None,
     progress: Progress | None = None,
     keep_record: bool = False,
+    snapshot_opener: SnapshotOpener | None = None,
 ) -> dict[str, dict[str, Change]]:
     """Per entity, the winning change per key (tombstones included). Runs in a thread.
 
-    ``keep_record`` also keeps each winner's Kafka key and encoded headers (shared bytes
-    when consecutive records carry the same headers) for targets that re-publish."""
+    Starts from the plan's snapshot chain (when it has one; ``snapshot_opener`` gives its
+    files) and folds the planned segment reads on top. ``keep_record`` also keeps each
+    winner's Kafka key and encoded headers (shared bytes when consecutive records carry the
+    same headers) for targets that re-publish."""
     stats = stats if stats is not None else ReplayStats()
     state: dict[str, dict[str, Change]] = {e: {} for e in plan.entities}
+    initial: dict[tuple[str, int], dict[str, Change]] = {}
+    if plan.snapshots:
+        if snapshot_opener is None:
+            raise ValueError("the plan starts from a snapshot: a snapshot_opener is needed")
+        initial = load_snapshots(plan, snapshot_opener, keys=keys, stats=stats,
+                                 progress=progress, keep_record=keep_record)
     for rank, pp in enumerate(plan.partitions):
-        local = _replay_partition(pp, rank, opener, keys, stats, progress, keep_record)
+        local, _ = fold_partition(pp, rank, opener, keys, stats, progress, keep_record,
+                                  out=initial.get((pp.topic, pp.partition)))
         merged = state[pp.entity]
         if not merged:
             merged.update(local)

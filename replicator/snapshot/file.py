@@ -1,0 +1,186 @@
+"""Writing and reading one snapshot file (format: :mod:`replicator.snapshot.format`).
+
+:class:`SnapshotFileWriter` takes entries already sorted by ``(key, partition)`` and refuses
+anything else, so an unsorted input can never produce a file whose index lies.
+:class:`SnapshotFileReader` checks every block it returns and finds a key's block from the
+sparse index without reading other blocks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from replicator.errors import CorruptSnapshotError
+from replicator.snapshot import format as sfmt
+from replicator.snapshot.format import BlockRef, Entry
+
+#: Uncompressed bytes per block: large enough for lz4 to compress well, small enough that a
+#: point look-up reads little.
+BLOCK_TARGET = 256 * 1024
+
+
+class SnapshotFileWriter:
+    """Append sorted entries; :meth:`finish` writes footer and trailer and fsyncs.
+
+    Invariant: ``(key, partition)`` strictly increases across :meth:`add` calls (checked).
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path = path
+        self._f = path.open("xb")
+        self._pos = 0
+        self._write(sfmt.encode_file_header(meta))
+        self._buf: list[bytes] = []
+        self._buf_len = 0
+        self._buf_entries = 0
+        self._first: str | None = None
+        self._last: str | None = None
+        self._last_part = -1
+        self.blocks: list[BlockRef] = []
+        self.entries = 0
+
+    def _write(self, data: bytes) -> None:
+        self._f.write(data)
+        self._pos += len(data)
+
+    def add(self, key: str, partition: int, offset: int, ts: int, version: int,
+            value: bytes | None, kafka_key: bytes | None, headers: bytes) -> None:
+        last = self._last
+        if last is not None and (key < last or (key == last and partition <= self._last_part)):
+            raise ValueError(f"snapshot entries out of order: {key!r}/{partition} after "
+                             f"{last!r}/{self._last_part}")
+        if key != last and self._buf_len >= BLOCK_TARGET:
+            self._flush()  # only between keys: a key's entries never straddle blocks
+        enc = sfmt.encode_entry(key.encode(), partition, offset, ts, version, value,
+                                kafka_key, headers)
+        self._buf.append(enc)
+        self._buf_len += len(enc)
+        self._buf_entries += 1
+        if self._first is None:
+            self._first = key
+        self._last = key
+        self._last_part = partition
+        self.entries += 1
+
+    def _flush(self) -> None:
+        if not self._buf_entries:
+            return
+        block = sfmt.encode_block(b"".join(self._buf), self._buf_entries)
+        assert self._first is not None and self._last is not None
+        self.blocks.append(BlockRef(self._pos, len(block) - sfmt.BLOCK_HEADER.size,
+                                    self._buf_entries, self._first, self._last))
+        self._write(block)
+        self._buf, self._buf_len, self._buf_entries, self._first = [], 0, 0, None
+
+    def finish(self, summary: dict[str, Any]) -> int:
+        """Write the footer (index + ``summary``) and trailer, fsync, close; return size."""
+        self._flush()
+        footer_pos = self._pos
+        footer = sfmt.encode_footer(self.blocks, summary)
+        self._write(footer)
+        self._write(sfmt.encode_trailer(footer_pos, footer))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._pos
+
+    def abort(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+class SnapshotFileReader:
+    """Random access to one complete snapshot file. Use as a context manager."""
+
+    def __init__(self, path: Path, *, name: str | None = None) -> None:
+        self.path = path
+        self.name = name or str(path)
+        self._file = path.open("rb")
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            if self.size == 0:
+                raise CorruptSnapshotError(self.name, 0, "empty file")
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self.meta, self.data_start = sfmt.decode_file_header(
+                self._mm[:min(self.size, 1 << 16)], self.name)
+            self.blocks, self.summary, self.data_end = sfmt.decode_footer(
+                self._mm, self.size, self.name)
+        except BaseException:
+            self._file.close()
+            raise
+        self._first_keys = [b.first_key for b in self.blocks]
+        for b in self.blocks:
+            if not (self.data_start <= b.position and b.position + b.size <= self.data_end):
+                raise CorruptSnapshotError(self.name, b.position, "block outside the data")
+
+    def close(self) -> None:
+        self._mm.close()
+        self._file.close()
+
+    def __enter__(self) -> SnapshotFileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def block_payloads(self) -> Iterator[tuple[BlockRef, bytes]]:
+        for b in self.blocks:
+            yield b, sfmt.decode_block(self._mm, b, self.name)
+
+    def __iter__(self) -> Iterator[Entry]:
+        """Every entry in ``(key, partition)`` order."""
+        for b, raw in self.block_payloads():
+            try:
+                yield from sfmt.iter_entries(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CorruptSnapshotError(self.name, b.position,
+                                           f"bad entry framing: {exc}") from None
+
+    def lookup(self, key: str) -> list[Entry]:
+        """The entries of ``key`` (one per partition it occurs in); reads one block."""
+        i = bisect.bisect_right(self._first_keys, key) - 1
+        if i < 0 or key > self.blocks[i].last_key:
+            return []
+        b = self.blocks[i]
+        try:
+            return [e for e in sfmt.iter_entries(sfmt.decode_block(self._mm, b, self.name))
+                    if e[0] == key]
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptSnapshotError(self.name, b.position,
+                                       f"bad entry framing: {exc}") from None
+
+    def verify(self) -> int:
+        """Check every block, the entry order and the index; return the entry count."""
+        n = 0
+        prev: tuple[str, int] | None = None
+        for b, raw in self.block_payloads():
+            first: str | None = None
+            last = ""
+            k = 0
+            try:
+                for e in sfmt.iter_entries(raw):
+                    cur = (e[0], e[1])
+                    if prev is not None and cur <= prev:
+                        raise CorruptSnapshotError(self.name, b.position,
+                                                   f"entries out of order at key {e[0]!r}")
+                    prev = cur
+                    first = e[0] if first is None else first
+                    last = e[0]
+                    k += 1
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CorruptSnapshotError(self.name, b.position,
+                                           f"bad entry framing: {exc}") from None
+            if k != b.entries or first != b.first_key or last != b.last_key:
+                raise CorruptSnapshotError(self.name, b.position,
+                                           "block contents disagree with the footer index")
+            n += k
+        if n != int(self.summary.get("entries", n)):
+            raise CorruptSnapshotError(self.name, self.data_end,
+                                       f"footer says {self.summary.get('entries')} entries, "
+                                       f"the blocks hold {n}")
+        return n
