@@ -101,12 +101,44 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CompactionSettings:
+    """The backup schedule: how often each snapshot kind is due (seconds since the newest
+    snapshot of that kind); the service checks every ``check_interval_s``."""
+
+    enabled: bool = True
+    incremental_s: float = 3600.0
+    differential_s: float = 86400.0
+    full_s: float = 7 * 86400.0
+    archive_s: float = 30 * 86400.0
+    check_interval_s: float = 60.0
+    #: changes buffered before a sorted run is spilled to disk (bounds compaction memory)
+    memory_entries: int = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    """What is kept: raw segments for the point-in-time window; archive snapshots move to
+    the archive tier after ``archive_after_days`` and are deleted after
+    ``archive_delete_days``."""
+
+    enabled: bool = True
+    segments_days: float = 30.0
+    archive_after_days: float = 90.0
+    archive_delete_days: float = 365.0
+    interval_s: float = 3600.0
+    #: the archive tier: another store URL, or empty for the ``archive/`` prefix of the store
+    archive_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
     objectives: Objectives = field(default_factory=Objectives)
     server: ServerSettings = field(default_factory=ServerSettings)
+    compaction: CompactionSettings = field(default_factory=CompactionSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     @property
     def store_url(self) -> str:
@@ -119,6 +151,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "ingest": IngestSettings,
     "objectives": Objectives,
     "server": ServerSettings,
+    "compaction": CompactionSettings,
+    "retention": RetentionSettings,
 }
 
 
@@ -254,5 +288,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ingest.max_event_bytes", "must be at least 1024")
     if i.block_bytes < 4096 or i.block_bytes > 16 * 1024 * 1024:
         raise ConfigError("ingest.block_bytes", "must be between 4096 and 16777216")
+    c, r = cfg.compaction, cfg.retention
+    for name in ("incremental_s", "differential_s", "full_s", "archive_s", "check_interval_s"):
+        if getattr(c, name) <= 0:
+            raise ConfigError(f"compaction.{name}", "must be positive")
+    if c.memory_entries < 1000:
+        raise ConfigError("compaction.memory_entries", "must be at least 1000")
+    if r.segments_days <= 0 or r.interval_s <= 0:
+        raise ConfigError("retention.segments_days", "retention periods must be positive")
+    if not r.segments_days <= r.archive_after_days <= r.archive_delete_days:
+        raise ConfigError(
+            "retention.archive_after_days",
+            "must satisfy segments_days <= archive_after_days <= archive_delete_days "
+            f"(now {r.segments_days:g} / {r.archive_after_days:g} / "
+            f"{r.archive_delete_days:g})")
+    if c.full_s > r.segments_days * 86400:
+        raise ConfigError(
+            "compaction.full_s",
+            f"a full snapshot every {c.full_s:g}s is rarer than the segment retention "
+            f"({r.segments_days:g} days): points in the window would lose their base")
     if not 0 <= cfg.server.port <= 65535:
         raise ConfigError("server.port", "must be 0..65535")

@@ -282,7 +282,7 @@ def bases(chains: Mapping[TP, Chain], snapshots: Iterable[Manifest],
     return out
 
 
-def _fits(base: Base, at_ms: int | None, ends: Mapping[TP, int] | None,
+def base_fits(base: Base, at_ms: int | None, ends: Mapping[TP, int] | None,
           chains: Mapping[TP, Chain]) -> bool:
     """Can ``base`` serve the point (a time, or per-partition end offsets)?"""
     if not base.links:
@@ -296,7 +296,7 @@ def _fits(base: Base, at_ms: int | None, ends: Mapping[TP, int] | None,
     return at_ms == last.time_ms if base.alone else last.time_ms <= at_ms
 
 
-def _reads(c: Chain, start: int, at_ms: int | None, end: int | None, alone: bool
+def chain_reads(c: Chain, start: int, at_ms: int | None, end: int | None, alone: bool
            ) -> list[Read]:
     reads: list[Read] = []
     if alone:
@@ -318,13 +318,13 @@ def _reads(c: Chain, start: int, at_ms: int | None, end: int | None, alone: bool
     return reads
 
 
-def _cost(base: Base, chains: Mapping[TP, Chain], at_ms: int | None,
+def base_cost(base: Base, chains: Mapping[TP, Chain], at_ms: int | None,
           ends: Mapping[TP, int] | None) -> int:
     topics = {tp[0] for tp in chains}
     snap = sum(f.bytes for m in base.links for f in m.files if f.topic in topics)
     return snap + sum(
         r.segment.bytes for tp, c in chains.items()
-        for r in _reads(c, base.starts[tp], at_ms, ends[tp] if ends else None, base.alone))
+        for r in chain_reads(c, base.starts[tp], at_ms, ends[tp] if ends else None, base.alone))
 
 
 def window_with(chains: Mapping[TP, Chain], usable: Iterable[Base]) -> Window:
@@ -432,13 +432,13 @@ def plan_restore(
                     f"offset {end} for {tp[0]}:{tp[1]} is beyond what is stored "
                     f"(covered [{c.first}, {c.end}))"
                 )
-        fitting = [b for b in usable if _fits(b, None, ends, chains)]
+        fitting = [b for b in usable if base_fits(b, None, ends, chains)]
         if not fitting:
-            early = [(tp, e) for tp, e in ends.items() if 0 < e < chains[tp].first] or [
-                (tp, e) for tp, e in ends.items()]
-            (t, p), e = early[0]
+            early = [(tp, o) for tp, o in ends.items() if 0 < o < chains[tp].first] or [
+                (tp, o) for tp, o in ends.items()]
+            (t, p), off = early[0]
             raise PointNotRestorableError(
-                f"offset {e} for {t}:{p} is before the oldest retained data "
+                f"offset {off} for {t}:{p} is before the oldest retained data "
                 f"(first stored offset {chains[(t, p)].first})" + _archive_points(usable),
                 oldest_ms=oldest, newest_ms=newest,
             )
@@ -458,7 +458,7 @@ def plan_restore(
                 f"{format_ms(newest)} (restore it explicitly with --at if that is acceptable)"
             )
         at_ms = newest if isinstance(point, Latest) else point.ts_ms
-        fitting = [b for b in usable if _fits(b, at_ms, None, chains)]
+        fitting = [b for b in usable if base_fits(b, at_ms, None, chains)]
         if not fitting or (oldest is not None and at_ms < oldest
                            and not any(b.alone for b in fitting)):
             raise PointNotRestorableError(
@@ -484,7 +484,7 @@ def plan_restore(
             )
 
     # fewest bytes; on a tie the newer base (fewer events to fold)
-    base = min(fitting, key=lambda b: (_cost(b, chains, at_ms, ends), -(b.time_ms or -1)))
+    base = min(fitting, key=lambda b: (base_cost(b, chains, at_ms, ends), -(b.time_ms or -1)))
     plans: list[PartitionPlan] = []
     for tp in tps:
         c = chains[tp]
@@ -492,7 +492,7 @@ def plan_restore(
         start = base.starts[tp]
         plans.append(PartitionPlan(
             topic=tp[0], partition=tp[1], entity=topics[tp[0]],
-            reads=tuple(_reads(c, start, at_ms, cut_offset, base.alone)),
+            reads=tuple(chain_reads(c, start, at_ms, cut_offset, base.alone)),
             cut_offset=cut_offset, cut_ms=at_ms if cut_offset is None else None,
             first=c.first, covered_end=c.end, newest_ms=c.newest_ms,
             snapshot_cut=start if base.links else None,

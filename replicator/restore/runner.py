@@ -21,7 +21,7 @@ import orjson
 
 import replicator
 from replicator.catalog import Catalog
-from replicator.errors import DigestMismatchError
+from replicator.errors import BadRequestError, DigestMismatchError
 from replicator.restore.digest import DigestBuilder, StateDigest
 from replicator.restore.layout import CANONICAL, TableLayout, compile_row
 from replicator.restore.planner import (
@@ -40,6 +40,7 @@ from replicator.restore.replay import (
     scan,
 )
 from replicator.schemas import SchemaRegistry
+from replicator.snapshot.tiers import Tiers
 from replicator.targets import RestoreRecord, RowIn, Target, open_target
 
 
@@ -56,12 +57,28 @@ async def load_catalog(catalog: Catalog) -> tuple[list[SegmentInfo], list[Waterm
 
 async def make_plan(
     catalog: Catalog, registry: SchemaRegistry, topics: Sequence[str], point: Point,
-    entities: Sequence[str] | None = None,
+    entities: Sequence[str] | None = None, *, tiers: Tiers | None = None,
+    use_snapshots: bool = True,
 ) -> RestorePlan:
+    """Plan from what the store (and spool) holds: segments, watermarks, snapshots of both
+    tiers and the retention record. ``use_snapshots=False`` plans from segments alone (a
+    re-publication of the raw event stream needs every event)."""
+    from replicator.retention import load_trimmed
+
     segs, wms = await load_catalog(catalog)
+    tiers = tiers or Tiers.for_store(catalog.store)
+    snaps = await tiers.list() if use_snapshots else []
     topic_entities = {t: t for t in topics if t in registry.entities}
     return plan_restore(segs, wms, topic_entities=topic_entities, point=point,
-                        entities=entities)
+                        entities=entities, snapshots=snaps,
+                        trimmed=await load_trimmed(catalog.store))
+
+
+async def snapshot_paths(tiers: Tiers, plan: RestorePlan) -> dict[tuple[str, str], Path]:
+    """A local path for every snapshot file the plan reads, by (snapshot id, file name)."""
+    topics = {p.topic for p in plan.partitions}
+    return {(m.id, f.name): await tiers.fetch(m, f.name)
+            for m in plan.snapshots for f in m.files if f.topic in topics}
 
 
 async def local_paths(catalog: Catalog, plan: RestorePlan) -> dict[str, Path]:
@@ -172,6 +189,7 @@ async def execute_restore(
     progress: Callable[[int], None] | None = None,
     phase: Callable[[str, int], None] | None = None,
     target: Target | None = None,
+    tiers: Tiers | None = None,
 ) -> RestoreReport:
     """Run ``plan`` into ``target_url``; raises before anything is visible on any failure."""
     t0 = time.monotonic()
@@ -184,13 +202,17 @@ async def execute_restore(
     from replicator.targets.kafka import KafkaTarget
 
     kafka = target if isinstance(target, KafkaTarget) else None
+    if kafka is not None and kafka.mode == "events" and plan.snapshots:
+        raise BadRequestError("re-publishing the event stream needs a plan from segments "
+                              "alone (make_plan(..., use_snapshots=False))")
     await target.open(replace=replace)
     try:
         paths = await local_paths(catalog, plan)
+        snaps = await snapshot_paths(tiers or Tiers.for_store(catalog.store), plan)
         stats = ReplayStats()
         state = await asyncio.to_thread(
             replay, plan, lambda s: paths[s.name], keys=keys, stats=stats, progress=progress,
-            keep_record=kafka is not None)
+            keep_record=kafka is not None, snapshot_opener=lambda m, n: snaps[(m.id, n)])
         report.events = stats.events
         if phase is not None:
             phase("loading", sum(live_count(state[e]) for e in plan.entities))

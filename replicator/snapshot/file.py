@@ -12,6 +12,7 @@ import bisect
 import mmap
 import os
 from collections.abc import Iterator
+from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ class SnapshotFileWriter:
         self._last_part = -1
         self.blocks: list[BlockRef] = []
         self.entries = 0
+        self._content = blake2b(digest_size=32)
 
     def _write(self, data: bytes) -> None:
         self._f.write(data)
@@ -67,18 +69,31 @@ class SnapshotFileWriter:
         self._last_part = partition
         self.entries += 1
 
+    def flush_block(self) -> None:
+        """End the current block (the next :meth:`add` starts a new one)."""
+        self._flush()
+
     def _flush(self) -> None:
         if not self._buf_entries:
             return
-        block = sfmt.encode_block(b"".join(self._buf), self._buf_entries)
+        raw = b"".join(self._buf)
+        self._content.update(raw)
+        block = sfmt.encode_block(raw, self._buf_entries)
         assert self._first is not None and self._last is not None
         self.blocks.append(BlockRef(self._pos, len(block) - sfmt.BLOCK_HEADER.size,
                                     self._buf_entries, self._first, self._last))
         self._write(block)
         self._buf, self._buf_len, self._buf_entries, self._first = [], 0, 0, None
 
+    @property
+    def content_hash(self) -> str:
+        """BLAKE2b-256 over the uncompressed block payloads written so far, in order: a
+        re-read that computes the same value has read back exactly these entries."""
+        return self._content.hexdigest()
+
     def finish(self, summary: dict[str, Any]) -> int:
-        """Write the footer (index + ``summary``) and trailer, fsync, close; return size."""
+        """Write the footer (index + ``summary``) and trailer, fsync, close; return size.
+        Call :meth:`flush_block` first when the summary needs :attr:`content_hash`."""
         self._flush()
         footer_pos = self._pos
         footer = sfmt.encode_footer(self.blocks, summary)
@@ -154,11 +169,14 @@ class SnapshotFileReader:
             raise CorruptSnapshotError(self.name, b.position,
                                        f"bad entry framing: {exc}") from None
 
-    def verify(self) -> int:
-        """Check every block, the entry order and the index; return the entry count."""
+    def verify(self) -> tuple[int, str]:
+        """Check every block, the entry order and the index; return the entry count and the
+        content hash (see :attr:`SnapshotFileWriter.content_hash`)."""
+        content = blake2b(digest_size=32)
         n = 0
         prev: tuple[str, int] | None = None
         for b, raw in self.block_payloads():
+            content.update(raw)
             first: str | None = None
             last = ""
             k = 0
@@ -183,4 +201,4 @@ class SnapshotFileReader:
             raise CorruptSnapshotError(self.name, self.data_end,
                                        f"footer says {self.summary.get('entries')} entries, "
                                        f"the blocks hold {n}")
-        return n
+        return n, content.hexdigest()

@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import mmap
 import struct
 import zlib
 from collections.abc import Iterator
@@ -111,7 +112,7 @@ def iter_entries(raw: bytes) -> Iterator[Entry]:
     pos = 0
     size = len(raw)
     while pos < size:
-        partition, offset, ts, version, flags, klen, kklen, vlen, hlen = unpack(raw, pos)
+        partition, offset, ts, version, _flags, klen, kklen, vlen, hlen = unpack(raw, pos)
         pos += esize
         key = raw[pos:pos + klen].decode()
         pos += klen
@@ -146,7 +147,7 @@ class BlockRef:
 
 
 def encode_block(raw: bytes, entries: int) -> bytes:
-    payload = lz4.block.compress(raw, store_size=False)
+    payload: bytes = lz4.block.compress(raw, store_size=False)
     codec = CODEC_LZ4
     if len(payload) >= len(raw):
         payload, codec = raw, CODEC_NONE
@@ -156,7 +157,7 @@ def encode_block(raw: bytes, entries: int) -> bytes:
                              0) + payload
 
 
-def decode_block(buf: bytes | memoryview, ref: BlockRef, path: str) -> bytes:
+def decode_block(buf: bytes | memoryview | mmap.mmap, ref: BlockRef, path: str) -> bytes:
     """The checked, uncompressed payload of the block ``ref`` points at in ``buf``."""
     pos = ref.position
     head = bytes(buf[pos:pos + BLOCK_HEADER.size])
@@ -194,7 +195,7 @@ def encode_trailer(footer_pos: int, footer: bytes) -> bytes:
     return TRAILER.pack(footer_pos, len(footer), zlib.crc32(footer), TRAILER_MAGIC)
 
 
-def decode_footer(buf: bytes | memoryview, size: int, path: str
+def decode_footer(buf: bytes | memoryview | mmap.mmap, size: int, path: str
                   ) -> tuple[list[BlockRef], dict[str, Any], int]:
     """Block index, summary and the footer's position, from a whole file's bytes."""
     if size < FILE_HEADER.size + TRAILER.size:

@@ -36,7 +36,7 @@ class SnapshotFile:
 
     topic: str
     entity: str
-    name: str  # store-relative name (under the snapshot's directory)
+    name: str  # file name inside the snapshot's directory (``<topic>.snap``)
     bytes: int
     entries: int
     live: int
@@ -69,7 +69,8 @@ class Manifest:
         return self.kind in FULL_KINDS
 
     @property
-    def bytes(self) -> int:
+    def size(self) -> int:
+        """Bytes of all data files."""
         return sum(f.bytes for f in self.files)
 
     def file_for(self, topic: str) -> SnapshotFile | None:

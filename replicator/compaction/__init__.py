@@ -1,0 +1,1 @@
+"""Compaction: folding segments (and snapshot chains) into snapshots."""

@@ -1,0 +1,176 @@
+"""Building one topic's snapshot file: fold segments, spill sorted runs, merge, write.
+
+Runs in a worker thread (never on the event loop). Memory is bounded by ``budget`` buffered
+changes, not by the number of keys: when the buffer is full it is written out as a sorted
+run (in the snapshot file format itself) and emptied; the snapshot is then a k-way merge of
+the existing chain's files, the runs and the last buffer, all sorted by ``(key, partition)``.
+
+Invariants:
+- For one ``(key, partition)`` the entry from the latest source wins (sources are ordered:
+  chain links base first, then runs in the order they were spilled, then the buffer), which
+  is partition order because a partition's records are folded in offset order.
+- The state digest counts each key's winner across partitions by the replay rule (version,
+  then timestamp, then partition), tombstones excluded -- the same digest a restore computes.
+- The writer's content hash (over the uncompressed blocks) goes into the summary, so a
+  re-read of the stored copy proves the file holds exactly what was digested.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from replicator.restore.digest import DigestBuilder
+from replicator.restore.layout import CANONICAL, TableLayout, compile_row
+from replicator.restore.planner import PartitionPlan
+from replicator.restore.replay import Change, Opener, ReplayStats, fold_partition
+from replicator.snapshot.file import SnapshotFileReader, SnapshotFileWriter
+from replicator.snapshot.format import Entry
+
+#: Buffered changes before a sorted run is spilled (about 1 KiB each with Python overhead).
+DEFAULT_BUDGET = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class TopicResult:
+    topic: str
+    path: Path
+    bytes: int
+    entries: int
+    live: int
+    tombstones: int
+    digest: str
+    content_hash: str
+    cuts: dict[int, int]  # partition -> cut (exclusive end offset)
+    runs: int
+
+
+def _sorted_entries(buf: dict[int, dict[str, Change]]) -> list[Entry]:
+    out: list[Entry] = []
+    for part, changes in buf.items():
+        for key, (ver, ts, _rank, off, value, kkey, hdrs) in changes.items():
+            out.append((key, part, off, ts, ver, value, kkey, hdrs))
+    out.sort(key=lambda e: (e[0], e[1]))
+    return out
+
+
+def _write_run(path: Path, entries: Iterable[Entry]) -> None:
+    w = SnapshotFileWriter(path, {"run": True})
+    n = 0
+    for e in entries:
+        w.add(*e)
+        n += 1
+    w.finish({"entries": n})
+
+
+def _read_file(path: Path, name: str) -> Iterator[Entry]:
+    with SnapshotFileReader(path, name=name) as r:
+        yield from r
+
+
+def _dedupe(merged: Iterator[Entry]) -> Iterator[Entry]:
+    """For equal ``(key, partition)`` keep the last (the merge is stable by source)."""
+    prev: Entry | None = None
+    for e in merged:
+        if prev is not None and (e[0] != prev[0] or e[1] != prev[1]):
+            yield prev
+        prev = e
+    if prev is not None:
+        yield prev
+
+
+def build_topic(
+    *,
+    topic: str,
+    layout: TableLayout,
+    parts: Iterable[PartitionPlan],
+    stop_ms: int,
+    opener: Opener,
+    layer_files: Iterable[tuple[Path, str]],
+    out_path: Path,
+    work_dir: Path,
+    meta: dict[str, Any],
+    budget: int = DEFAULT_BUDGET,
+    stats: ReplayStats | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> TopicResult:
+    """Write ``out_path``: the merge of ``layer_files`` (local path, name; base first) and
+    the changes of ``parts`` up to each partition's cut (first record after ``stop_ms``)."""
+    stats = stats if stats is not None else ReplayStats()
+    buf: dict[int, dict[str, Change]] = {}
+    runs: list[Path] = []
+
+    def spill(_current: dict[str, Change]) -> None:
+        if sum(len(d) for d in buf.values()) < budget:
+            return
+        run = work_dir / f"run-{len(runs):04d}.snap"
+        _write_run(run, _sorted_entries(buf))
+        runs.append(run)
+        for d in buf.values():
+            d.clear()
+
+    cuts: dict[int, int] = {}
+    for pp in parts:
+        d = buf.setdefault(pp.partition, {})
+        _, stopped = fold_partition(pp, pp.partition, opener, None, stats, progress,
+                                    keep_record=True, out=d, stop_ms=stop_ms,
+                                    after_block=spill)
+        start = pp.snapshot_cut if pp.snapshot_cut is not None else pp.first
+        cuts[pp.partition] = stopped if stopped is not None else max(start, pp.covered_end)
+    last = _sorted_entries(buf)
+    buf.clear()
+
+    sources: list[Iterator[Entry]] = [_read_file(p, n) for p, n in layer_files]
+    sources += [_read_file(r, str(r)) for r in runs]
+    sources.append(iter(last))
+    merged = _dedupe(heapq.merge(*sources, key=lambda e: (e[0], e[1])))
+
+    canon = compile_row(layout.data_columns, CANONICAL, source="mapping")
+    digest = DigestBuilder(layout.entity)
+    writer = SnapshotFileWriter(out_path, meta)
+    add_entry = writer.add
+    entries = tombstones = 0
+    loads = orjson.loads
+    add = digest.add
+    try:
+        group: list[Entry] = []
+        for e in merged:
+            add_entry(*e)
+            entries += 1
+            if e[5] is None:
+                tombstones += 1
+            if group and group[0][0] != e[0]:
+                _count_winner(group, canon, add, loads)
+                group = []
+            group.append(e)
+        if group:
+            _count_winner(group, canon, add, loads)
+        result = digest.result()
+        writer.flush_block()
+        content_hash = writer.content_hash
+        size = writer.finish({"topic": topic, "entity": layout.entity, "entries": entries,
+                              "live": result.count, "tombstones": tombstones,
+                              "digest": str(result), "content_hash": content_hash,
+                              "cuts": {str(p): c for p, c in sorted(cuts.items())}})
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for r in runs:
+            r.unlink(missing_ok=True)
+    return TopicResult(topic, out_path, size, entries, result.count, tombstones, str(result),
+                       content_hash, cuts, len(runs))
+
+
+def _count_winner(group: list[Entry], canon: Callable[[Any], tuple[Any, ...]],
+                  add: Callable[[str, tuple[Any, ...]], None],
+                  loads: Callable[[bytes], Any]) -> None:
+    """Add one key's cross-partition winner (version, timestamp, partition) to the digest."""
+    win = group[0] if len(group) == 1 else max(group, key=lambda e: (e[4], e[3], e[1]))
+    if win[5] is not None:
+        add(win[0], canon(loads(win[5]).get("data") or {}))
