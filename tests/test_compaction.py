@@ -19,8 +19,15 @@ from replicator.schemas import SchemaRegistry
 from replicator.snapshot.file import SnapshotFileReader
 from replicator.snapshot.tiers import Tiers
 from replicator.storage.local import LocalStore
-from tests.restore_history import ENTITIES, History, Oracle, build_history, layouts, sqlite_rows
-from tests.restore_history import canonical_rows
+from tests.restore_history import (
+    ENTITIES,
+    History,
+    Oracle,
+    build_history,
+    canonical_rows,
+    layouts,
+    sqlite_rows,
+)
 
 REG = SchemaRegistry.load()
 
