@@ -184,18 +184,21 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
 )
 @click.pass_context
 def run(ctx: click.Context, demo_rate: float, progress: bool | None) -> None:
-    """Run the service: consume the topics, write segments, seal and store them.
+    """Run the service: consume the topics, write segments, seal and store them; take
+    snapshots on the backup schedule and apply retention (see [compaction] and [retention]).
 
     Stops cleanly on SIGINT/SIGTERM: everything consumed is fsync'd, sealed and stored, and
     durable offsets are committed.
     """
     cfg = _config(ctx)
     show = sys.stdout.isatty() if progress is None else progress
-    code = _run(_serve(cfg, demo_rate=demo_rate, show_progress=show))
+    code = _run(_serve(cfg, demo_rate=demo_rate, show_progress=show,
+                       config_path=ctx.ensure_object(dict).get("config_path")))
     sys.exit(code)
 
 
-async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool) -> int:
+async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool,
+                 config_path: Path | None = None) -> int:
     from replicator.demo import run_demo_publisher
     from replicator.ingest import Ingestor
     from replicator.server import HealthServer
@@ -237,6 +240,14 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool) -> int:
                 name="demo-publisher",
             )
         )
+    if cfg.compaction.enabled:
+        from replicator.compaction.schedule import Scheduler
+        from replicator.snapshot.tiers import Tiers
+
+        tiers = Tiers.for_store(ingestor.store, cfg.retention.archive_url)
+        scheduler = Scheduler(compaction=cfg.compaction, retention=cfg.retention,
+                              list_snapshots=tiers.list, config_path=config_path)
+        tasks.append(asyncio.create_task(scheduler.run(stop), name="backup-schedule"))
     display = _Progress(ingestor, published) if show_progress else None
     stopper = asyncio.create_task(stop.wait())
     code = EXIT_OK
@@ -257,9 +268,9 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool) -> int:
             for t in failed:
                 tasks.remove(t)
                 failure = t.exception()
-                if t.get_name() == "demo-publisher":
-                    # the demo is a convenience: its failure never stops the backup
-                    log.error("demo publisher stopped: %s", failure)
+                if t.get_name() in ("demo-publisher", "backup-schedule"):
+                    # neither the demo nor the snapshot schedule may stop the backup
+                    log.error("%s stopped: %s", t.get_name(), failure)
                     continue
                 if failure is not None:
                     raise failure
@@ -565,5 +576,5 @@ if __name__ == "__main__":
     main()
 
 
-# restore, backups, get, history, export: registered on ``main`` by importing the module
-from replicator import cli_restore  # noqa: E402,F401
+# restore, backups, get, history, export, compact, retention: registered on ``main``
+from replicator import cli_compact, cli_restore  # noqa: E402,F401

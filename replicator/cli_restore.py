@@ -22,6 +22,7 @@ from replicator.config import Config
 from replicator.restore.planner import RestorePlan, describe_backups, plan_scan
 from replicator.restore.point import Point, format_ms, parse_at, parse_offsets
 from replicator.schemas import SchemaRegistry
+from replicator.snapshot.tiers import Tiers
 from replicator.targets import SCHEMES
 
 AT_HELP = ("RFC 3339 with a zone (2026-11-26T10:42:17Z), relative (-15m, -1h30m), "
@@ -34,6 +35,10 @@ def _registry() -> SchemaRegistry:
 
 def _topic_entities(cfg: Config, reg: SchemaRegistry) -> dict[str, str]:
     return {t: t for t in cfg.kafka.topics if t in reg.entities}
+
+
+def _tiers(cfg: Config, cat: Any) -> Tiers:
+    return Tiers.for_store(cat.store, cfg.retention.archive_url)
 
 
 def _split(values: str | None) -> list[str] | None:
@@ -80,11 +85,15 @@ def _print_plan(plan: RestorePlan) -> None:
     click.echo(f"  restorable window: {plan.window.describe()}")
     click.echo(f"  {plan.files} files, {_human_bytes(plan.bytes)}, about "
                f"{plan.events_estimate:,} events to replay (~{plan.seconds_estimate}s)")
+    for m in plan.snapshots:
+        click.echo(f"  snapshot {m.id} ({m.kind}, {format_ms(m.time_ms)}, "
+                   f"{_human_bytes(m.size)})")
     for p in plan.partitions:
         cut = f"end offset {p.cut_offset}" if p.cut_offset is not None else (
             f"records <= {format_ms(p.cut_ms)}")
+        base = f", from snapshot cut {p.snapshot_cut}" if p.snapshot_cut is not None else ""
         click.echo(f"  {p.topic}[{p.partition}]: {len(p.reads)} files, covered "
-                   f"[{p.first}, {p.covered_end}), cut: {cut}")
+                   f"[{p.first}, {p.covered_end}){base}, cut: {cut}")
         for r in p.reads:
             click.echo(f"      {r.segment.location}: {r.segment.name} [{r.from_offset}, "
                        f"{r.to_offset})")
@@ -134,8 +143,14 @@ def restore(ctx: click.Context, at_text: str | None, offsets_text: str | None,
     async def go() -> None:
         point: Point = parse_at(at_text) if at_text is not None else parse_offsets(
             offsets_text or "")
-        plan = await make_plan(cat, reg, cfg.kafka.topics, point, _split(entities))
-        late = [p for p in plan.partitions if p.first > 0]
+        from replicator.targets.kafka import parse_kafka_url
+
+        tiers = _tiers(cfg, cat)
+        events_mode = bool(target_url and target_url.startswith("kafka://")
+                           and parse_kafka_url(target_url)[2] == "events")
+        plan = await make_plan(cat, reg, cfg.kafka.topics, point, _split(entities),
+                               tiers=tiers, use_snapshots=not events_mode)
+        late = [p for p in plan.partitions if p.first > 0 and p.snapshot_cut is None]
         if late and not as_json:
             click.echo("warning: the backup of " + ", ".join(
                 f"{p.topic}[{p.partition}] starts at offset {p.first}" for p in late[:5])
@@ -158,7 +173,7 @@ def restore(ctx: click.Context, at_text: str | None, offsets_text: str | None,
         with bar:
             report = await execute_restore(cat, reg, plan, url, keys=_split(keys),
                                            replace=replace, swap_into=swap_into,
-                                           progress=advance, phase=phase)
+                                           progress=advance, phase=phase, tiers=tiers)
         if as_json:
             _dump({"dry_run": False, **report.to_json()})
             return
@@ -184,20 +199,33 @@ def backups() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.pass_context
 def backups_list(ctx: click.Context, as_json: bool) -> None:
-    """Per entity: the restorable window (oldest and newest restorable time) and sizes."""
+    """Per entity: the restorable window (oldest and newest restorable time) and sizes;
+    then the snapshot chain (fulls, differentials, incrementals, archive entries) with
+    time, size, counts and digest."""
     from replicator.restore.runner import load_catalog
+    from replicator.retention import load_trimmed
 
     cfg = _config(ctx)
     reg = _registry()
     cat = _catalog(cfg)
-    segs, wms = _run(load_catalog(cat))
-    rows = describe_backups(segs, wms, topic_entities=_topic_entities(cfg, reg))
+    tiers = _tiers(cfg, cat)
+
+    async def go() -> tuple[Any, Any, Any, Any]:
+        segs, wms = await load_catalog(cat)
+        return segs, wms, await tiers.list(), await load_trimmed(cat.store)
+
+    segs, wms, snaps, trimmed = _run(go())
+    rows = describe_backups(segs, wms, topic_entities=_topic_entities(cfg, reg),
+                            snapshots=snaps, trimmed=trimmed)
     if as_json:
-        _dump({"store": cat.store.url, "entities": [r.to_json() for r in rows]})
+        _dump({"store": cat.store.url, "entities": [r.to_json() for r in rows],
+               "snapshots": [{**m.to_json(), "tier": tiers.tier_of(m), "bytes": m.size,
+                              "time": format_ms(m.time_ms)} for m in snaps]})
         return
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"backups in {cat.store.url}", title_justify="left")
     for col in ("entity", "oldest restorable (UTC)", "newest restorable (UTC)"):
         table.add_column(col, no_wrap=True)
@@ -207,7 +235,24 @@ def backups_list(ctx: click.Context, as_json: bool) -> None:
         table.add_row(r.entity, format_ms(r.window.oldest_ms), format_ms(r.window.newest_ms),
                       str(r.partitions), str(r.segments), f"{r.events:,}",
                       _human_bytes(r.bytes))
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    console.print(table)
+    if snaps:
+        chain = Table(title="snapshots", title_justify="left")
+        for col in ("time (UTC)", "kind", "tier", "id", "parent"):
+            chain.add_column(col, no_wrap=True)
+        for col in ("rows", "entries", "size"):
+            chain.add_column(col, justify="right", no_wrap=True)
+        chain.add_column("digests", no_wrap=True)
+        for m in snaps:
+            chain.add_row(format_ms(m.time_ms), m.kind, tiers.tier_of(m), m.id[-6:],
+                          m.parent[-6:] if m.parent else "-",
+                          f"{sum(f.live for f in m.files):,}",
+                          f"{sum(f.entries for f in m.files):,}", _human_bytes(m.size),
+                          " ".join(f"{f.entity}={f.digest.split(':')[1][:8]}"
+                                   for f in m.files))
+        console.print(chain)
+    else:
+        click.echo("no snapshots yet (replicator compact --kind full)")
     for r in rows:
         for tp, a, b in r.holes:
             click.echo(f"warning: {r.entity}: {tp[0]}[{tp[1]}] offsets [{a}, {b}) are missing "
@@ -241,16 +286,20 @@ def get(ctx: click.Context, entity: str, key: str, at_text: str, as_json: bool) 
     import asyncio
 
     from replicator.restore.replay import replay
-    from replicator.restore.runner import local_paths, make_plan
+    from replicator.restore.runner import local_paths, make_plan, snapshot_paths
 
     cfg = _config(ctx)
     reg = _registry()
     cat = _catalog(cfg)
 
     async def go() -> tuple[RestorePlan, Any]:
-        plan = await make_plan(cat, reg, cfg.kafka.topics, parse_at(at_text), [entity])
+        tiers = _tiers(cfg, cat)
+        plan = await make_plan(cat, reg, cfg.kafka.topics, parse_at(at_text), [entity],
+                               tiers=tiers)
         paths = await local_paths(cat, plan)
-        state = await asyncio.to_thread(replay, plan, lambda s: paths[s.name], keys={key})
+        snaps = await snapshot_paths(tiers, plan)  # read through each file's key index
+        state = await asyncio.to_thread(replay, plan, lambda s: paths[s.name], keys={key},
+                                        snapshot_opener=lambda m, n: snaps[(m.id, n)])
         return plan, state[entity].get(key)
 
     plan, change = _run(go())

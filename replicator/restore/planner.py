@@ -539,17 +539,21 @@ def describe_backups(
     watermarks: Iterable[WatermarkInfo],
     *,
     topic_entities: Mapping[str, str],
+    snapshots: Iterable[Manifest] = (),
+    trimmed: Mapping[TP, int] | None = None,
 ) -> list[EntityBackups]:
     """Per entity: the restorable window (same rules as :func:`plan_restore`) and sizes."""
     segs = list(segments)
     wms = list(watermarks)
+    snaps = list(snapshots)
     out: list[EntityBackups] = []
     for entity in sorted(set(topic_entities.values())):
         topics = {t for t, e in topic_entities.items() if e == entity}
         chains = segment_chains(segs, wms, topics)
         used = [s for c in chains.values() for s in c.segments]
         out.append(EntityBackups(
-            entity=entity, window=window_of(chains.values()), partitions=len(chains),
+            entity=entity, window=window_with(chains, bases(chains, snaps, trimmed)),
+            partitions=len(chains),
             segments=len(used), events=sum(s.records for s in used),
             bytes=sum(s.bytes for s in used),
             holes=tuple((tp, c.hole[0], c.hole[1]) for tp, c in chains.items() if c.hole),
