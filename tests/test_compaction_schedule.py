@@ -1,0 +1,34 @@
+"""The backup schedule (which kind is due) and the compaction planner's refusals."""
+
+from __future__ import annotations
+
+from replicator.compaction.schedule import due_kind
+from replicator.config import CompactionSettings
+from replicator.snapshot.manifest import Manifest
+
+H = 3_600_000
+S = CompactionSettings()
+
+
+def snap(kind: str, created_ms: int) -> Manifest:
+    return Manifest(id=f"{created_ms:020d}-{kind}-abcdef", kind=kind, time_ms=created_ms,
+                    created_ms=created_ms, parent=None, cut={}, start={}, files=())
+
+
+def test_first_snapshot_is_a_full() -> None:
+    assert due_kind(10 * H, [], S) == "full"
+    assert due_kind(10 * H, [snap("incremental", 9 * H)], S) == "full"
+
+
+def test_precedence_and_intervals() -> None:
+    now = 1000 * H
+    base = [snap("archive", now - 24 * H)]
+    assert due_kind(now, base, S) == "differential"  # a day since the last full-kind
+    fresh = [snap("archive", now - 2 * H), snap("differential", now - 90 * 60_000)]
+    assert due_kind(now, fresh, S) == "incremental"  # 90 minutes since any snapshot
+    assert due_kind(now, [*fresh, snap("incremental", now - 10 * 60_000)], S) is None
+    old_full = [snap("archive", now - 20 * 24 * H), snap("full", now - 8 * 24 * H),
+                snap("incremental", now - 60_000)]
+    assert due_kind(now, old_full, S) == "full"  # weekly
+    old_archive = [snap("archive", now - 31 * 24 * H), snap("full", now - H)]
+    assert due_kind(now, old_archive, S) == "archive"  # monthly, before anything else
