@@ -132,8 +132,10 @@ class _Phases:
         self.merge_write_s = 0.0
         self._sorts: list[tuple[float, float]] = []
         clock = time.perf_counter
-        orig_build, orig_check = runner.build_topic, runner._check_file
-        orig_sorted, orig_write = build._sorted_entries, build._write_run
+        # module globals, looked up at call time by compact() / build_topic()
+        rns, bns = vars(runner), vars(build)
+        orig_build, orig_check = rns["build_topic"], rns["_check_file"]
+        orig_sorted, orig_write = bns["_sorted_entries"], bns["_write_run"]
 
         def sorted_entries(*a: Any, **k: Any) -> Any:
             t = clock()
@@ -166,8 +168,8 @@ class _Phases:
             orig_check(*a, **k)
             self.verify_s += clock() - t
 
-        build._sorted_entries, build._write_run = sorted_entries, write_run
-        runner.build_topic, runner._check_file = build_topic, check_file
+        bns["_sorted_entries"], bns["_write_run"] = sorted_entries, write_run
+        rns["build_topic"], rns["_check_file"] = build_topic, check_file
 
     def to_json(self, total: float) -> dict[str, float]:
         return {"fold_s": round(self.fold_s, 2), "spill_s": round(self.spill_s, 2),

@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     .venv/bin/python -m bench.run [--events 1000000] [--rounds 3] [--rpo-rate 20000]
                                   [--rpo-seconds 25] [--sections ingest,rpo] [--quick]
+                                  [--compaction-keys 1000000] [--compaction-events 5000000]
 
 The Kafka broker is ``--bootstrap`` / ``$KAFKA_BOOTSTRAP_SERVERS`` when given, else a local
 single-node KRaft broker started (and stopped) by ``tests/kafka_service.py`` in a temporary
@@ -20,6 +21,8 @@ Sections (see the modules for the exact method):
   bytes on disk / raw JSON value bytes.
 * ``rpo`` (bench/rpo.py): publish-ack -> durable latency at a steady rate, publisher in a
   separate process.
+* ``compaction`` (bench/compaction_bench.py): a full snapshot from segments vs just reading
+  them, its peak RSS, and restore time from a snapshot at 1x/3x/10x history (no Kafka).
 
 Every measured phase runs in a fresh process (a consumer's GC cost depends on what else is
 on its heap). Takes ~2.5 min with cached events; the first run also generates the events
@@ -168,6 +171,21 @@ def restore_subprocess(workdir: Path, args: argparse.Namespace) -> dict[str, Any
     return result
 
 
+def compaction_subprocess(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The compaction section (its own process; it starts one more per measured step)."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.compaction_bench", "section", "--workdir", str(workdir),
+         "--keys", str(args.compaction_keys), "--events", str(args.compaction_events),
+         "--seed", str(args.seed)],
+        cwd=root, stdout=subprocess.PIPE, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.compaction_bench exited {proc.returncode}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def _table(results: dict[str, Any]) -> None:
     rows: list[tuple[str, str, str]] = []
     ing = results["sections"].get("ingest")
@@ -204,6 +222,33 @@ def _table(results: dict[str, Any]) -> None:
             rows.append(("restore", "seconds by history",
                          ", ".join(f"{k} {v}s" for k, v in
                                    rst["restore_seconds_by_history"].items())))
+    cmp = results["sections"].get("compaction")
+    if cmp:
+        ph = cmp.get("phases", {})
+        rows += [
+            ("compaction", "history", f"{cmp['keys']:,} keys, {cmp['events']:,} events, "
+                                      f"{cmp['spilled_runs']} spilled runs"),
+            ("compaction", "events_per_s", f"{cmp['events_per_s']:,} (full, "
+                                           f"{cmp['compaction_seconds']}s)"),
+            ("compaction", "read_events_per_s", f"{cmp['read_events_per_s']:,} "
+                                                "(segments + record framing only)"),
+            ("compaction", "ratio", f"{cmp['ratio']:.3f} (goal >= 0.3)"),
+            ("compaction", "phases", ", ".join(f"{k.removesuffix('_s')} {v}s"
+                                               for k, v in ph.items())),
+            ("compaction", "peak_rss_mb", f"{cmp['peak_rss_mb']} (anon "
+                                          f"{cmp['peak_rss_anon_mb']}; budget "
+                                          f"{cmp['budget']:,})"),
+            ("compaction", "bytes_per_live_key", f"{cmp['bytes_per_live_key']} (anon "
+                                                 f"{cmp['anon_bytes_per_live_key']})"),
+        ]
+        if "restore_seconds_by_history" in cmp:
+            rows += [
+                ("compaction", "restore s by history",
+                 ", ".join(f"{k} {v}s" for k, v in cmp["restore_seconds_by_history"].items())
+                 + " (from a full snapshot)"),
+                ("compaction", "history_10x_over_1x",
+                 f"{cmp['history_10x_over_1x']:.3f} (goal <= 1.3)"),
+            ]
     rpo = results["sections"].get("rpo")
     if rpo:
         rows += [
@@ -235,7 +280,7 @@ def _table(results: dict[str, Any]) -> None:
         Console().print(t)
     except ImportError:
         for r in rows:
-            print(f"{r[0]:<8} {r[1]:<20} {r[2]}")
+            print(f"{r[0]:<10} {r[1]:<20} {r[2]}")
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
@@ -260,6 +305,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     try:
         if "restore" in sections:
             results["sections"]["restore"] = restore_subprocess(workdir, args)
+        if "compaction" in sections:
+            log("compaction: section start (bench/compaction_bench.py)")
+            results["sections"]["compaction"] = compaction_subprocess(workdir, args)
         if not {"ingest", "rpo"} & set(sections):
             return results
         bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
@@ -298,9 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rpo-rate", type=float, default=20_000)
     p.add_argument("--rpo-seconds", type=float, default=25)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--sections", default="ingest,rpo,restore")
+    p.add_argument("--sections", default="ingest,rpo,restore,compaction")
     p.add_argument("--restore-keys", type=int, default=1_000_000)
     p.add_argument("--restore-events", type=int, default=5_000_000)
+    p.add_argument("--compaction-keys", type=int, default=1_000_000)
+    p.add_argument("--compaction-events", type=int, default=5_000_000)
     p.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "latest.json")
     p.add_argument("--quick", action="store_true",
@@ -309,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.events, args.rounds, args.rpo_seconds = 200_000, 1, 8
         args.restore_keys, args.restore_events = 50_000, 250_000
+        args.compaction_keys, args.compaction_events = 50_000, 250_000
     results = asyncio.run(amain(args))
     # sections not run this time keep their previous figures (each says when it was measured)
     for sec in results["sections"].values():

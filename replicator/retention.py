@@ -22,6 +22,8 @@ Rules (defaults from the operators' policy, :class:`~replicator.config.Retention
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ import orjson
 
 from replicator import naming
 from replicator.catalog import SegmentInfo
-from replicator.errors import ObjectNotFoundError, RetentionError
+from replicator.errors import ObjectExistsError, ObjectNotFoundError, RetentionError
 from replicator.restore.planner import TP, segment_chains
 from replicator.restore.point import format_ms
 from replicator.snapshot.file import SnapshotFileReader
@@ -56,6 +58,8 @@ class Action:
     name: str
     reason: str
     bytes: int = 0
+    #: for snapshot actions: the tier root the snapshot is listed under
+    root: str = naming.SNAPSHOTS_ROOT
 
     def to_json(self) -> dict[str, Any]:
         return {"action": self.kind, "name": self.name, "reason": self.reason,
@@ -140,7 +144,8 @@ def plan_retention(
     for m in archived:
         if m.time_ms < delete_before:
             actions.append(Action("delete-archive", m.id,
-                                  f"older than {policy.archive_delete_days:g} days", m.size))
+                                  f"older than {policy.archive_delete_days:g} days", m.size,
+                                  naming.ARCHIVE_ROOT))
     return RetentionPlan(now_ms, horizon, anchor, tuple(actions), trimmed, note)
 
 
@@ -190,24 +195,24 @@ async def apply_retention(tiers: Tiers, plan: RetentionPlan) -> list[Action]:
     by_kind = {k: [a for a in plan.actions if a.kind == k]
                for k in ("archive-snapshot", "delete-snapshot", "delete-segment",
                          "delete-archive")}
-    snaps = {m.id: m for m in await tiers.list()}
+    snaps = {(m.root, m.id): m for m in await tiers.list()}
     for a in by_kind["archive-snapshot"]:
-        m = snaps[a.name]
+        m = snaps[(a.root, a.name)]
         await _verify_snapshot(tiers, m)
-        moved = Manifest(**{**{f: getattr(m, f) for f in m.__dataclass_fields__},
-                            "root": naming.ARCHIVE_ROOT})
+        moved = dataclasses.replace(m, root=naming.ARCHIVE_ROOT)
         for f in m.files:
             name = tiers.object_name(moved, f.name)
             existing = {o.name for o in await tiers.archive.list(name)}
             if name not in existing:
                 await tiers.archive.put_file(name, await tiers.fetch(m, f.name))
         await _verify_snapshot(tiers, moved)
-        await tiers.archive.put_bytes(naming.snapshot_manifest_name(m.id, naming.ARCHIVE_ROOT),
-                                      m.encode())
+        with contextlib.suppress(ObjectExistsError):  # a run interrupted after this point
+            await tiers.archive.put_bytes(
+                naming.snapshot_manifest_name(m.id, naming.ARCHIVE_ROOT), m.encode())
         await _delete_snapshot(tiers.hot, m)
         done.append(a)
     for a in by_kind["delete-snapshot"]:
-        await _delete_snapshot(tiers.hot, snaps[a.name])
+        await _delete_snapshot(tiers.hot, snaps[(a.root, a.name)])
         done.append(a)
     if by_kind["delete-segment"]:
         if plan.anchor is None:
@@ -218,6 +223,6 @@ async def apply_retention(tiers: Tiers, plan: RetentionPlan) -> list[Action]:
             await tiers.hot.delete(a.name)
             done.append(a)
     for a in by_kind["delete-archive"]:
-        await _delete_snapshot(tiers.archive, snaps[a.name])
+        await _delete_snapshot(tiers.archive, snaps[(a.root, a.name)])
         done.append(a)
     return done

@@ -27,6 +27,18 @@ from replicator.snapshot.manifest import FULL_KINDS, Manifest
 log = logging.getLogger(__name__)
 
 
+def _die_with_parent() -> None:
+    """In the child: be killed when the service dies (Linux ``PR_SET_PDEATHSIG``), so a
+    SIGKILLed service never leaves a compaction running on its own."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def due_kind(now_ms: int, snapshots: Iterable[Manifest], s: CompactionSettings) -> str | None:
     snaps = list(snapshots)
 
@@ -73,7 +85,7 @@ class Scheduler:
     async def _child(self, *args: str) -> dict[str, object] | None:
         proc = await asyncio.create_subprocess_exec(
             *self._argv(*args), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent)
         try:
             out, err = await proc.communicate()
         except asyncio.CancelledError:
