@@ -515,6 +515,8 @@ class EntityBackups:
     events: int
     bytes: int
     holes: tuple[tuple[TP, int, int], ...]
+    #: per partition, the offsets its segments cover without a hole: ``[first, end)``
+    ranges: tuple[tuple[TP, int, int], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -530,6 +532,10 @@ class EntityBackups:
             "missing_ranges": [
                 {"topic": tp[0], "partition": tp[1], "from": a, "to": b}
                 for tp, a, b in self.holes
+            ],
+            "segment_ranges": [
+                {"topic": tp[0], "partition": tp[1], "from": a, "to": b}
+                for tp, a, b in self.ranges
             ],
         }
 
@@ -557,6 +563,7 @@ def describe_backups(
             segments=len(used), events=sum(s.records for s in used),
             bytes=sum(s.bytes for s in used),
             holes=tuple((tp, c.hole[0], c.hole[1]) for tp, c in chains.items() if c.hole),
+            ranges=tuple((tp, c.first, c.end) for tp, c in chains.items()),
         ))
     return out
 
