@@ -232,7 +232,8 @@ def _table(results: dict[str, Any]) -> None:
                                            f"{cmp['compaction_seconds']}s)"),
             ("compaction", "read_events_per_s", f"{cmp['read_events_per_s']:,} "
                                                 "(segments + record framing only)"),
-            ("compaction", "ratio", f"{cmp['ratio']:.3f} (goal >= 0.3)"),
+            ("compaction", "ratio", f"{cmp['ratio']:.3f} (goal >= 0.3; by CPU time "
+                                    f"{cmp.get('cpu_ratio')})"),
             ("compaction", "phases", ", ".join(f"{k.removesuffix('_s')} {v}s"
                                                for k, v in ph.items())),
             ("compaction", "peak_rss_mb", f"{cmp['peak_rss_mb']} (anon "
