@@ -14,9 +14,10 @@ import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -28,8 +29,10 @@ from hypothesis.stateful import (
 )
 
 from replicator import naming
+from replicator.catalog import Catalog
 from replicator.errors import CompactionError, PointNotRestorableError
-from replicator.restore.planner import RestorePlan, plan_restore
+from replicator.restore import planner as restore_planner
+from replicator.restore.planner import RestorePlan
 from replicator.restore.point import AtTime, Latest, Point
 from replicator.restore.runner import execute_restore, load_catalog, make_plan
 from replicator.retention import (
@@ -55,6 +58,7 @@ from tests.restore_history import (
 from tests.test_compaction import REG, _cat, restore_rows, run_compact
 
 LAY = layouts()
+KINDS = ["full", "differential", "incremental", "archive"]
 
 
 @pytest.fixture(scope="module")
@@ -103,36 +107,45 @@ def segment_names(h: History) -> set[str]:
     return {str(p.relative_to(h.store_root)) for p in (h.store_root / "segments").rglob("*.seg")}
 
 
-def restore_via_chain(h: History, at_ms: int, out: Path
+def restore_via_chain(h: History, at_ms: int, out: Path, done: RestorePlan
                       ) -> tuple[list[Manifest], dict[str, dict[str, tuple[object, ...]]]] | None:
-    """Restore to ``at_ms`` from the chain of the newest listed snapshot that can serve it,
-    whatever it costs: the plan sees only that chain, and the segments-only base is ruled
-    out by marking a partition as trimmed. ``None`` when no snapshot serves ``at_ms``."""
+    """Restore to ``at_ms`` from the whole chain of the newest listed snapshot that can
+    serve it, whatever it costs (the planner's cost is replaced by "more links first", so
+    neither the segments alone nor a shorter prefix of the chain is chosen). ``None`` when
+    no snapshot serves ``at_ms`` or when that chain is the one ``done`` (an executed plan)
+    restored from."""
     cat = _cat(h)
-
-    async def plan_for(links: list[Manifest]) -> RestorePlan:
-        segs, wms = await load_catalog(cat)
-        fake = dict(await load_trimmed(cat.store))
-        tp = (ENTITIES[0], 0)
-        fake[tp] = max(fake.get(tp, 0), 1)
-        return plan_restore(segs, wms, topic_entities={e: e for e in ENTITIES},
-                            point=AtTime(at_ms), snapshots=links, trimmed=fake)
-
     snaps = snapshots(h)
     by_id = {m.id: m for m in snaps}
     for m in sorted(snaps, key=lambda m: (m.time_ms, m.id), reverse=True):
         links = chain_of(m.id, by_id)
         if m.time_ms > at_ms or links is None:
             continue
-        try:
-            plan = asyncio.run(plan_for(links))
-        except PointNotRestorableError:
-            continue  # an archive point (its segments are gone) serves only its own time
+        with mock.patch.object(restore_planner, "base_cost", lambda b, *_: -len(b.links)):
+            try:
+                plan = asyncio.run(make_plan(cat, REG, ENTITIES, AtTime(at_ms),
+                                             tiers=_OnlyThese(cat, links)))
+            except PointNotRestorableError:
+                continue  # an archive point (its segments are gone) serves only its own time
         assert [x.id for x in plan.snapshots] == [x.id for x in links]
+        if [x.id for x in done.snapshots] == [x.id for x in links]:
+            return None  # already restored this way
         rep = asyncio.run(execute_restore(cat, REG, plan, f"sqlite://{out}"))
         assert all(r.ok for r in rep.results)
         return links, {e: sqlite_rows(out, LAY[e]) for e in ENTITIES}
     return None
+
+
+class _OnlyThese(Tiers):
+    """The store's tiers, listing only the given snapshots."""
+
+    def __init__(self, cat: Catalog, links: list[Manifest]) -> None:
+        t = Tiers.for_store(cat.store)
+        super().__init__(t.hot, t.archive)
+        self.links = links
+
+    async def list(self, *, tier: str | None = None) -> list[Manifest]:
+        return list(self.links)
 
 
 class CompactionMachine(RuleBasedStateMachine):
@@ -159,15 +172,20 @@ class CompactionMachine(RuleBasedStateMachine):
         """Restore via the planner's choice, via the newest snapshot chain that can serve
         the point (forced, even when replaying segments would read fewer bytes) and via
         segments alone; each must equal the oracle at the plan's time."""
+        plan: RestorePlan
         plan, got = restore_rows(self.h, point, self.db())
         assert plan.at_ms is not None
         want = oracle_rows(self.oracle, plan.at_ms)
         assert got == want, (point, [m.id for m in plan.snapshots], self.log)
-        forced = restore_via_chain(self.h, plan.at_ms, self.db())
+        event("restore: planner chose "
+              + ("/".join(m.kind[:4] for m in plan.snapshots) or "segments"))
+        forced = restore_via_chain(self.h, plan.at_ms, self.db(), plan)
         if forced is not None:
             links, rows = forced
             event(f"restore: forced chain {'/'.join(m.kind[:4] for m in links)}")
             assert rows == want, (point, [m.id for m in links], self.log)
+        if not plan.snapshots:
+            return plan  # that was the restore from segments alone
         try:
             _, seg_only = restore_rows(self.h, point, self.db(), snapshots=False)
         except PointNotRestorableError:
@@ -180,14 +198,18 @@ class CompactionMachine(RuleBasedStateMachine):
 
     # -- steps -----------------------------------------------------------------------------
 
-    @initialize(frac=st.floats(0.0, 0.4))
-    def first_full(self, frac: float) -> None:
-        at = self.h.oldest_ms + int((self.h.newest_ms - self.h.oldest_ms) * frac)
-        rep = run_compact(self.h, "full", self.work, at_ms=at)
-        assert rep.manifest.kind == "full" and rep.manifest.parent is None
-        assert rep.manifest.time_ms == at
-        self.last_at = at
-        self.log.append(f"full@{at}")
+    @initialize(first=st.sampled_from(["full", "archive"]),
+                more=st.lists(st.sampled_from(KINDS), max_size=3),
+                fracs=st.lists(st.floats(0.0, 0.6), min_size=4, max_size=4, unique=True),
+                check=st.floats(0.0, 1.0))
+    def history_of_snapshots(self, first: str, more: list[str], fracs: list[float],
+                             check: float) -> None:
+        """A few snapshots in the first 60% of the history, the first a full/archive."""
+        span = self.h.newest_ms - self.h.oldest_ms
+        for kind, frac in zip([first, *more], sorted(fracs), strict=False):
+            at = max(self.h.oldest_ms + int(span * frac), self.last_at + 1)
+            self.do_compact(kind, at)
+        self.check_window(check)
 
     def check_window(self, frac: float) -> None:
         """Restore at a point of the current window (its newest via ``latest``)."""
@@ -202,11 +224,13 @@ class CompactionMachine(RuleBasedStateMachine):
         assert plan.at_ms == t
 
     @precondition(lambda self: self.last_at < self.h.newest_ms)
-    @rule(kind=st.sampled_from(["full", "differential", "incremental", "archive"]),
-          frac=st.floats(0.0, 0.5), check=st.floats(0.0, 1.0))
+    @rule(kind=st.sampled_from(KINDS), frac=st.floats(0.0, 0.5), check=st.floats(0.0, 1.0))
     def compact(self, kind: str, frac: float, check: float) -> None:
         lo = self.last_at + 1
-        at = lo + int((self.h.newest_ms - lo) * frac)
+        self.do_compact(kind, lo + int((self.h.newest_ms - lo) * frac))
+        self.check_window(check)
+
+    def do_compact(self, kind: str, at: int) -> None:
         hot = snapshots(self.h, "hot")
         if kind == "differential":
             cands = [m for m in hot if m.kind in FULL_KINDS]
@@ -219,7 +243,6 @@ class CompactionMachine(RuleBasedStateMachine):
         if kind in ("differential", "incremental") and want_parent is None:
             with pytest.raises(CompactionError, match="run `replicator compact --kind full`"):
                 run_compact(self.h, kind, self.work, at_ms=at)
-            self.check_window(check)
             return
         rep = run_compact(self.h, kind, self.work, at_ms=at)
         m = rep.manifest
@@ -236,22 +259,34 @@ class CompactionMachine(RuleBasedStateMachine):
             assert all(e.ts_ms <= at for e in evs if e.offset < cut)
             assert all(e.ts_ms > at for e in evs if e.offset >= cut)
         self.last_at = at
-        self.check_window(check)
 
-    @rule(horizon_frac=st.floats(0.0, 1.1), seg_days=st.sampled_from([0.25, 1.0, 30.0]),
-          move_frac=st.floats(0.0, 1.0), delete_frac=st.floats(0.0, 1.0),
+    def draw_time(self, data: st.DataObject, lo: int, hi: int, label: str) -> int:
+        """A time in ``[lo, hi]``: uniform, ``hi`` itself, or just after a snapshot's time
+        (where retention's decisions change)."""
+        near = sorted({m.time_ms + 1 for m in snapshots(self.h) if lo <= m.time_ms + 1 <= hi})
+        how = data.draw(st.sampled_from(["uniform", "high", "snapshot"] if near
+                                        else ["uniform", "high"]), label=label)
+        if how == "uniform":
+            return data.draw(st.integers(lo, hi), label=label)
+        if how == "high":
+            return hi
+        return data.draw(st.sampled_from(near), label=label)
+
+    @rule(data=st.data(), seg_days=st.sampled_from([0.25, 1.0, 30.0]),
           check=st.floats(0.0, 1.0))
-    def retention(self, horizon_frac: float, seg_days: float, move_frac: float,
-                  delete_frac: float, check: float) -> None:
+    def retention(self, data: st.DataObject, seg_days: float, check: float) -> None:
         span = self.h.newest_ms - self.h.oldest_ms
-        horizon = self.h.oldest_ms + int(span * horizon_frac)
+        horizon = self.draw_time(data, self.h.oldest_ms, self.h.newest_ms + span // 10,
+                                 "horizon")
         now = horizon + int(seg_days * DAY_MS)
-        # archive moves before a point <= the horizon, deletes before a point <= that
-        move_before = self.h.oldest_ms - 1 + int((horizon - self.h.oldest_ms + 1) * move_frac)
-        delete_before = self.h.oldest_ms - 1 + int((move_before - self.h.oldest_ms + 1)
-                                                   * delete_frac)
+        # a sane policy (as the config demands): segments <= archive_after <= archive_delete
+        move_before = self.draw_time(data, self.h.oldest_ms - 1, horizon, "move_before")
+        delete_before = self.draw_time(data, self.h.oldest_ms - 1, move_before,
+                                       "delete_before")
         policy = Policy(segments_days=seg_days, archive_after_days=(now - move_before) / DAY_MS,
                         archive_delete_days=(now - delete_before) / DAY_MS)
+        assert now - int(policy.archive_after_days * DAY_MS) in (move_before, move_before - 1,
+                                                                  move_before + 1)
         before = {m.id: m for m in snapshots(self.h)}
         segs_before = segment_names(self.h)
         plan, done = run_retention(self.h, policy, now)
@@ -320,7 +355,9 @@ class CompactionMachine(RuleBasedStateMachine):
 def test_compaction_and_retention_keep_every_window_point_exact(template: History) -> None:
     CompactionMachine.template = template
     run_state_machine_as_test(CompactionMachine, settings=settings(
-        max_examples=12, stateful_step_count=8, deadline=None, database=None,
+        max_examples=10, stateful_step_count=8, deadline=None, database=None,
+        # no shrinking: it would take minutes; the failure message carries the step log
+        phases=[Phase.explicit, Phase.generate],
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
 
 
@@ -347,8 +384,8 @@ def test_expired_point_names_the_restorable_window(template: History, tmp_path: 
     for t in (t1, t2 - 1, h.oldest_ms):
         with pytest.raises(PointNotRestorableError, match="restorable window") as ei:
             asyncio.run(make_plan(_cat(h), REG, ENTITIES, AtTime(t)))
-        assert ei.value.oldest_ms == t2  # type: ignore[attr-defined]
-        assert ei.value.newest_ms == h.newest_ms  # type: ignore[attr-defined]
+        assert ei.value.oldest_ms == t2
+        assert ei.value.newest_ms == h.newest_ms
         with pytest.raises(PointNotRestorableError):  # segments alone: trimmed
             asyncio.run(make_plan(_cat(h), REG, ENTITIES, AtTime(t), use_snapshots=False))
     for i, t in enumerate((t2, (t2 + h.newest_ms) // 2, h.newest_ms)):

@@ -163,11 +163,12 @@ async def _build_all(catalog: Catalog, tiers: Tiers, registry: SchemaRegistry,
             opener=lambda s: paths[s.name], layer_files=layers, out_path=out,
             work_dir=build_dir, meta=meta, budget=budget, stats=stats, progress=progress)
         results.append(res)
-        await asyncio.to_thread(_check_file, out, str(out), res)
         name = naming.snapshot_file_name(sid, topic)
         await tiers.hot.put_file(name, out)
+        # re-read the stored copy -- the one readers will use -- before any manifest names
+        # it; a failed check leaves an orphan (no manifest) for the next run to sweep
         stored = await tiers.hot.fetch_to(name, build_dir / f"stored-{topic}.snap")
-        await asyncio.to_thread(_check_file, stored, name, res)  # the copy readers will use
+        await asyncio.to_thread(_check_file, stored, name, res)
         files.append(SnapshotFile(topic=topic, entity=entity,
                                   name=topic + naming.SNAPSHOT_SUFFIX, bytes=res.bytes,
                                   entries=res.entries, live=res.live,
