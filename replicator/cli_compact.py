@@ -100,32 +100,35 @@ def retention() -> None:
     retention.archive_after_days, archives deleted after retention.archive_delete_days)."""
 
 
-def _retention_plan(cfg: Config, now_ms: int | None) -> Any:
+async def _plan_retention(cfg: Config) -> Any:
     from replicator.restore.runner import load_catalog
     from replicator.retention import Policy, load_trimmed, plan_retention
 
     cat = _catalog(cfg)
     tiers = _tiers(cfg, cat)
     r = cfg.retention
-
-    async def go() -> Any:
-        segs, _wms = await load_catalog(cat)
-        return tiers, plan_retention(
-            segs, await tiers.list(), topics=cfg.kafka.topics,
-            policy=Policy(r.segments_days, r.archive_after_days, r.archive_delete_days),
-            now_ms=now_ms if now_ms is not None else int(time.time() * 1000),
-            trimmed=await load_trimmed(cat.store))
-
-    return _run(go())
+    segs, _wms = await load_catalog(cat)
+    return tiers, plan_retention(
+        segs, await tiers.list(), topics=cfg.kafka.topics,
+        policy=Policy(r.segments_days, r.archive_after_days, r.archive_delete_days),
+        now_ms=int(time.time() * 1000), trimmed=await load_trimmed(cat.store))
 
 
-def _print_retention(plan: Any, verb: str) -> None:
+def _print_retention(plan: Any, verb: str, limit: int = 8) -> None:
     click.echo(f"horizon {format_ms(plan.horizon_ms)}; window base: "
                f"{plan.anchor.id if plan.anchor else 'none'}")
     if plan.note:
         click.echo(plan.note)
+    kinds: dict[str, list[Any]] = {}
     for a in plan.actions:
-        click.echo(f"  {a.kind:<17} {a.name}  ({_human_bytes(a.bytes)}): {a.reason}")
+        kinds.setdefault(a.kind, []).append(a)
+    for kind, acts in kinds.items():
+        click.echo(f"{kind}: {len(acts)} ({_human_bytes(sum(a.bytes for a in acts))}) -- "
+                   f"{acts[0].reason}")
+        for a in acts[:limit]:
+            click.echo(f"  {a.name}  ({_human_bytes(a.bytes)})")
+        if len(acts) > limit:
+            click.echo(f"  … and {len(acts) - limit} more (--json lists all)")
     total = sum(a.bytes for a in plan.actions)
     click.echo(f"{len(plan.actions)} actions {verb}, {_human_bytes(total)}")
 
@@ -135,7 +138,7 @@ def _print_retention(plan: Any, verb: str) -> None:
 @click.pass_context
 def retention_plan(ctx: click.Context, as_json: bool) -> None:
     """Show what retention would remove now, and why. Changes nothing."""
-    _, plan = _retention_plan(_config(ctx), None)
+    _, plan = _run(_plan_retention(_config(ctx)))
     if as_json:
         _dump(plan.to_json())
     else:
@@ -154,8 +157,16 @@ def retention_apply(ctx: click.Context, confirm: bool, as_json: bool) -> None:
         click.echo("replicator: error: retention apply removes backups; run `replicator "
                    "retention plan` to see what, then add --confirm", err=True)
         raise SystemExit(2)
-    tiers, plan = _retention_plan(_config(ctx), None)
-    done = _run(apply_retention(tiers, plan))
+    from replicator.compaction.runner import compaction_lock
+
+    cfg = _config(ctx)
+
+    async def go() -> Any:
+        with compaction_lock(_work_dir(cfg)):  # one maintenance job per data directory
+            tiers, plan = await _plan_retention(cfg)
+            return plan, await apply_retention(tiers, plan)
+
+    plan, done = _run(go())
     if as_json:
         _dump({**plan.to_json(), "done": len(done)})
     else:

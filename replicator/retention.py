@@ -175,6 +175,7 @@ async def _delete_snapshot(store: Store, m: Manifest) -> None:
     await store.delete(naming.snapshot_manifest_name(m.id, m.root))  # invisible first
     for obj in await store.list(naming.snapshot_dir(m.id, m.root)):
         await store.delete(obj.name)
+    await store.prune(naming.snapshot_dir(m.id, m.root))
 
 
 async def _verify_snapshot(tiers: Tiers, m: Manifest) -> None:

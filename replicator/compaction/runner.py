@@ -60,14 +60,15 @@ class CompactionReport:
 
 @contextlib.contextmanager
 def compaction_lock(work_dir: Path) -> Iterator[None]:
-    """One compaction per data directory; a second one fails fast instead of waiting."""
+    """One maintenance job (compaction or retention) per data directory; a second one fails
+    fast instead of waiting."""
     work_dir.mkdir(parents=True, exist_ok=True)
     with (work_dir / ".lock").open("a+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CompactionError(f"another compaction is running (lock {work_dir}/.lock)"
-                                  ) from None
+            raise CompactionError(f"another compaction or retention run is in progress "
+                                  f"(lock {work_dir}/.lock)") from None
         try:
             yield
         finally:

@@ -82,11 +82,22 @@ class Tiers:
         return out
 
     async def sweep_orphans(self) -> int:
-        """Delete the leftovers of interrupted compactions; return how many objects."""
+        """Delete the leftovers of interrupted compactions and archive moves: temp files of
+        interrupted puts and directories without a manifest; return how many objects.
+        Callers hold the maintenance lock (one compaction or retention run per data
+        directory), so nothing is being written under these roots meanwhile."""
         n = 0
+        for _name, store, root in self.tiers():
+            n += await store.sweep(0.0, prefix=root + "/")
+        dirs: set[tuple[int, str]] = set()
         for store, name in await self.orphans():
             await store.delete(name)
+            dirs.add((id(store), name.rsplit("/", 1)[0] + "/"))
             n += 1
+        for _name, store, _root in self.tiers():
+            for sid, prefix in dirs:
+                if sid == id(store):
+                    await store.prune(prefix)
         return n
 
     async def check_manifest(self, m: Manifest) -> None:

@@ -60,11 +60,17 @@ class Store(Protocol):
         """Remove ``name``; removing a missing object is not an error."""
         ...
 
-    async def sweep(self, older_than_s: float) -> int:
-        """Remove leftovers of interrupted puts older than ``older_than_s``; return how many.
+    async def sweep(self, older_than_s: float, prefix: str = "") -> int:
+        """Remove leftovers of interrupted puts older than ``older_than_s`` (under the
+        directory ``prefix``, default everywhere); return how many.
 
         The age guard keeps a sweep from racing another writer's put on a shared store.
         """
+        ...
+
+    async def prune(self, prefix: str) -> None:
+        """Remove the now-empty container of ``prefix`` (a local directory); a no-op where
+        containers do not exist (object stores) or when it is not empty."""
         ...
 
 

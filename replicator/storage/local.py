@@ -8,6 +8,7 @@ is never overwritten even by two racing writers. Blocking file work runs in a th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -143,13 +144,17 @@ class LocalStore:
             return
         fsync_dir(path.parent)
 
-    def sweep_temp_sync(self, older_than_s: float = 0.0) -> int:
-        """Remove temp files a crash left behind (older than ``older_than_s``)."""
+    def sweep_temp_sync(self, older_than_s: float = 0.0, prefix: str = "") -> int:
+        """Remove temp files a crash left behind (older than ``older_than_s``), under the
+        directory ``prefix`` names (the whole store by default). A scoped sweep (``prefix``
+        given) also removes the directories below ``prefix`` it leaves empty; the whole-store
+        sweep never removes a directory (another writer may be about to use it)."""
         n = 0
-        if not self.root.is_dir():
+        top = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if not top.is_dir():
             return 0
         cutoff = time.time() - older_than_s
-        for dirpath, _dirs, files in os.walk(self.root):
+        for dirpath, _dirs, files in os.walk(top, topdown=False):
             for fn in files:
                 if fn.startswith(naming.TEMP_PREFIX):
                     path = os.path.join(dirpath, fn)
@@ -159,6 +164,9 @@ class LocalStore:
                             n += 1
                     except FileNotFoundError:
                         continue
+            if prefix.strip("/") and dirpath != str(top):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)  # only succeeds when empty
         return n
 
     # -- the Store protocol -----------------------------------------------------------------
@@ -184,5 +192,14 @@ class LocalStore:
     async def delete(self, name: str) -> None:
         await asyncio.to_thread(self.delete_sync, name)
 
-    async def sweep(self, older_than_s: float) -> int:
-        return await asyncio.to_thread(self.sweep_temp_sync, older_than_s)
+    async def sweep(self, older_than_s: float, prefix: str = "") -> int:
+        return await asyncio.to_thread(self.sweep_temp_sync, older_than_s, prefix)
+
+    def prune_sync(self, prefix: str) -> None:
+        path = self._path(prefix.rstrip("/"))
+        with contextlib.suppress(FileNotFoundError, OSError):
+            path.rmdir()  # only when empty
+            fsync_dir(path.parent)
+
+    async def prune(self, prefix: str) -> None:
+        await asyncio.to_thread(self.prune_sync, prefix)
