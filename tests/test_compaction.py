@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from replicator.catalog import Catalog
@@ -118,3 +119,37 @@ def test_incremental_needs_a_parent(tmp_path: Path) -> None:
     run_compact(h, "full", tmp_path / "w")
     with pytest.raises(CompactionError, match="nothing new since snapshot"):
         run_compact(h, "incremental", tmp_path / "w")
+
+
+def test_point_lookup_reads_the_key_index(history: History, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``get --at`` (a restore of a few keys) finds each key's block through the snapshot's
+    sparse index: scanning the file's blocks is made to fail, and the answer still equals
+    the oracle's."""
+    from replicator.restore.replay import replay
+    from replicator.restore.runner import local_paths, snapshot_paths
+
+    ts = sorted(e.ts_ms for e in history.events)
+    t = ts[-1]
+    run_compact(history, "full", tmp_path / "w", at_ms=t)
+    cat = _cat(history)
+    tiers = Tiers.for_store(cat.store)
+    plan = asyncio.run(make_plan(cat, REG, ENTITIES, AtTime(t), ["participant"], tiers=tiers))
+    assert plan.snapshots and not any(p.reads for p in plan.partitions)
+    paths = asyncio.run(local_paths(cat, plan))
+    snaps = asyncio.run(snapshot_paths(tiers, plan))
+
+    def no_scan(self: SnapshotFileReader) -> Any:
+        raise AssertionError("a point look-up must not scan the snapshot's blocks")
+
+    monkeypatch.setattr(SnapshotFileReader, "block_payloads", no_scan)
+    want = Oracle(history).state("participant", t)
+    for key in [*sorted(want)[:3], "prt_absent"]:
+        state = replay(plan, lambda s: paths[s.name], keys={key},
+                       snapshot_opener=lambda m, n: snaps[(m.id, n)])
+        change = state["participant"].get(key)
+        if key in want:
+            assert change is not None and change[4] is not None
+            assert orjson.loads(change[4])["data"] == want[key]
+        else:
+            assert change is None or change[4] is None
