@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -339,7 +340,10 @@ def history_curve(workdir: Path, *, keys: int, events: int, seed: int, budget: i
             c = run_child("compact", "--store", str(store), "--work", str(d / "work"),
                           "--budget", str(budget), "--no-phases")
             comp[f"{mult}x"] = c["seconds"]
-            # best of 2 fresh processes: a 100k-row restore takes seconds, noise is large
+            # best of 2 fresh processes: a 100k-row restore takes seconds, noise is large;
+            # flush the dirty pages of the history just written first, or the restore's own
+            # fsyncs wait behind their writeback (worst for the biggest history)
+            os.sync()
             rounds = [run_child("restore", "--store", str(store), "--db", str(db))
                       for _ in range(2)]
             for r in rounds:
