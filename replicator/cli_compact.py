@@ -74,10 +74,12 @@ def compact(ctx: click.Context, kind: str, at_text: str | None, dry_run: bool,
         bar, advance, _phase = _progress(not as_json, plan.events_estimate,
                                          f"compacting ({kind})")
         with bar:
+            # planned again under the maintenance lock: a retention run may have changed
+            # the chain since the estimate above
             rep = await run_compact(cat, tiers, reg, cfg.kafka.topics, kind,
                                     work_dir=_work_dir(cfg),
                                     budget=cfg.compaction.memory_entries, progress=advance,
-                                    plan=plan)
+                                    at_ms=at_ms)
         if as_json:
             _dump(rep.to_json())
             return

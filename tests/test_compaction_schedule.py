@@ -32,3 +32,32 @@ def test_precedence_and_intervals() -> None:
     assert due_kind(now, old_full, S) == "full"  # weekly
     old_archive = [snap("archive", now - 31 * 24 * H), snap("full", now - H)]
     assert due_kind(now, old_archive, S) == "archive"  # monthly, before anything else
+
+
+async def test_a_store_error_does_not_end_the_schedule() -> None:
+    """A manifest that vanishes mid-listing (another process's retention) is logged and
+    retried at the next check; the schedule task keeps running."""
+    import asyncio
+    from dataclasses import replace
+
+    from replicator.compaction.schedule import Scheduler
+    from replicator.config import RetentionSettings
+    from replicator.errors import ObjectNotFoundError
+
+    calls = 0
+
+    async def flaky() -> list[Manifest]:
+        nonlocal calls
+        calls += 1
+        raise ObjectNotFoundError("snapshots/x/manifest.json")
+
+    sched = Scheduler(compaction=replace(S, check_interval_s=0.05),
+                      retention=RetentionSettings(enabled=False), list_snapshots=flaky,
+                      config_path=None)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sched.run(stop))
+    await asyncio.sleep(0.3)
+    assert not task.done() and calls >= 3
+    assert sched.last_error is not None and "manifest.json" in sched.last_error
+    stop.set()
+    await asyncio.wait_for(task, 2)

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from replicator import naming
+from replicator.compaction.planner import plan_compaction
 from replicator.errors import BackupIncompleteError, BadRequestError, PointNotRestorableError
 from replicator.restore.planner import (
     PartitionPlan,
@@ -31,6 +33,7 @@ from replicator.restore.point import (
     parse_offsets,
     parse_time,
 )
+from replicator.snapshot.manifest import Manifest, SnapshotFile
 
 TE = {"attendance": "attendance", "participant": "participant", "config": "config"}
 T0 = 1_764_000_000_000  # a base time in ms
@@ -473,3 +476,43 @@ def test_format_ms() -> None:
     assert format_ms(T0 + 7) == "2025-11-24T16:00:00.007Z"
     assert format_ms(None) == "-"
     assert parse_time(format_ms(T0 + 7)) == T0 + 7
+
+
+def _snap(kind: str, t: int, cut: dict[tuple[str, int], int], topics: list[str],
+          root: str = "snapshots", parent: str | None = None, token: str = "aaaaaa"
+          ) -> Manifest:
+    return Manifest(id=naming.snapshot_id(t, kind, token), kind=kind, time_ms=t, created_ms=0,
+                    parent=parent, cut=cut, start={}, root=root,
+                    files=tuple(SnapshotFile(x, x, f"{x}.snap", 10, 1, 1, 0, "1:00")
+                                for x in topics))
+
+
+def test_a_topic_added_after_a_trimmed_full_snapshot() -> None:
+    """The full predates topic B (no file, no cut for it) and A was trimmed below its cut:
+    restoring everything uses the full for A and B's segments from their start; a full
+    compaction can be planned on it too."""
+    full = _snap("full", T0 + 99_000, {("A", 0): 100}, ["A"])
+    segs = [seg("A", 0, 100, 200), seg("B", 0, 0, 50)]
+    wms = [wmk("A", 0, 200, T0 + 199_000), wmk("B", 0, 50, T0 + 199_000)]
+    te = {"A": "A", "B": "B"}
+    p = plan_restore(segs, wms, topic_entities=te, point=Latest(), snapshots=[full],
+                     trimmed={("A", 0): 100})
+    assert [m.id for m in p.snapshots] == [full.id]
+    assert {(x.topic, x.snapshot_cut, tuple(r.from_offset for r in x.reads))
+            for x in p.partitions} == {("A", 100, (100,)), ("B", 0, (0,))}
+    cp = plan_compaction("full", segs, wms, [full], topic_entities=te, trimmed={("A", 0): 100})
+    assert cp.layers == (full,) and cp.starts == {("A", 0): 100, ("B", 0): 0}
+
+
+def test_an_archive_point_reads_partitions_it_does_not_know() -> None:
+    """Restoring exactly an archive point whose cut lacks a partition (its first segment
+    was stored after the archive) still reads that partition's records up to T."""
+    ta = T0 + 99_000
+    arch = _snap("archive", ta, {("A", 0): 100}, ["A"], root="archive")
+    segs = [seg("A", 0, 150, 300), seg("A", 1, 0, 20, min_ts=T0, max_ts=T0 + 10_000)]
+    p = plan_restore(segs, [wmk("A", 1, 20, T0 + 300_000)], topic_entities={"A": "A"},
+                     point=AtTime(ta), snapshots=[arch], trimmed={("A", 0): 150})
+    assert [m.id for m in p.snapshots] == [arch.id]
+    parts = {x.partition: x for x in p.partitions}
+    assert parts[0].reads == () and parts[0].snapshot_cut == 100
+    assert [(r.from_offset, r.to_offset) for r in parts[1].reads] == [(0, 20)]

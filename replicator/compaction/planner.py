@@ -31,6 +31,7 @@ from replicator.restore.planner import (
     bases,
     chain_reads,
     segment_chains,
+    snapshot_chains,
     window_of,
 )
 from replicator.restore.point import format_ms
@@ -124,7 +125,9 @@ def plan_compaction(
                                            -(b.time_ms or -1)))
         layers, starts = base.links, dict(base.starts)
     else:
-        parent = newest(snaps, FULL_KINDS if kind == "differential" else None)
+        # only a snapshot whose whole chain is still there can be built on
+        complete = [m for c in snapshot_chains(snaps) for m in c[-1:]]
+        parent = newest(complete, FULL_KINDS if kind == "differential" else None)
         if parent is None:
             raise CompactionError(
                 f"no {'full ' if kind == 'differential' else ''}snapshot to build "

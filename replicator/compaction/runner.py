@@ -153,7 +153,9 @@ async def _build_all(catalog: Catalog, tiers: Tiers, registry: SchemaRegistry,
         for m in plan.layers:
             f = m.file_for(topic)
             if f is None:
-                raise CompactionError(f"snapshot {m.id} has no file for {topic}")
+                if any(tp[0] == topic for tp in m.cut):
+                    raise CompactionError(f"snapshot {m.id} has no file for {topic}")
+                continue  # the topic was added after that snapshot
             layers.append((await tiers.fetch(m, f.name), tiers.object_name(m, f.name)))
         parts = [pp for pp in plan.partitions if pp.topic == topic]
         out = build_dir / f"{topic}.snap"

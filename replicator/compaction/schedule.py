@@ -22,6 +22,7 @@ from pathlib import Path
 import orjson
 
 from replicator.config import CompactionSettings, RetentionSettings
+from replicator.errors import ReplicatorError
 from replicator.snapshot.manifest import FULL_KINDS, Manifest
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,10 @@ class Scheduler:
         while not stop.is_set():
             try:
                 await self.check()
-            except (OSError, ValueError) as exc:
+            except (ReplicatorError, OSError, ValueError) as exc:
+                # a store hiccup (a manifest removed mid-listing, an unreadable one) must not
+                # end the schedule: log it and try again at the next check
+                self.last_error = str(exc)
                 log.warning("backup schedule check failed: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.compaction.check_interval_s)

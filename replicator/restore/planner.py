@@ -236,9 +236,14 @@ class Base:
     links: tuple[Manifest, ...]
     #: per partition, the offset the segment reads start from
     starts: Mapping[TP, int]
-    #: the segments from the chain's cut are gone (an archive point): only the snapshot's
-    #: own point (its time, or exactly its cut) can be restored from it
-    alone: bool = False
+    #: partitions whose segments from the chain's cut are gone (an archive point): the
+    #: base then serves only the snapshot's own point (its time, or exactly its cut), those
+    #: partitions read nothing and the others read their segments as usual
+    alone_parts: frozenset[TP] = frozenset()
+
+    @property
+    def alone(self) -> bool:
+        return bool(self.alone_parts)
 
     @property
     def time_ms(self) -> int | None:
@@ -263,11 +268,14 @@ def bases(chains: Mapping[TP, Chain], snapshots: Iterable[Manifest],
     if all(not trimmed.get(tp, 0) for tp in chains):
         out.append(Base((), {tp: c.first for tp, c in chains.items()}))
     for links in snapshot_chains(snapshots):
-        if any(t not in {f.topic for f in link.files} for link in links for t in topics):
-            continue
         last = links[-1]
+        # a link without a file for a topic is empty for it only if the link knew none of
+        # its partitions (a topic added later); otherwise the link is damaged: skip it
+        if any(t not in {f.topic for f in link.files}
+               and any(tp[0] == t for tp in link.cut) for link in links for t in topics):
+            continue
         starts: dict[TP, int] = {}
-        alone = False
+        alone: set[TP] = set()
         usable = True
         for tp, c in chains.items():
             cut = last.cut.get(tp)
@@ -276,9 +284,10 @@ def bases(chains: Mapping[TP, Chain], snapshots: Iterable[Manifest],
                 starts[tp] = c.first
             else:
                 starts[tp] = cut
-                alone = alone or not c.first <= cut <= c.end
+                if not c.first <= cut <= c.end:
+                    alone.add(tp)
         if usable:
-            out.append(Base(links, starts, alone))
+            out.append(Base(links, starts, frozenset(alone)))
     return out
 
 
@@ -289,9 +298,8 @@ def base_fits(base: Base, at_ms: int | None, ends: Mapping[TP, int] | None,
         return ends is None or all(not 0 < ends[tp] < c.first for tp, c in chains.items())
     last = base.links[-1]
     if ends is not None:
-        if base.alone:
-            return all(ends[tp] == base.starts[tp] for tp in chains)
-        return all(base.starts[tp] <= ends[tp] for tp in chains)
+        return all(ends[tp] == base.starts[tp] if tp in base.alone_parts
+                   else base.starts[tp] <= ends[tp] for tp in chains)
     assert at_ms is not None
     return at_ms == last.time_ms if base.alone else last.time_ms <= at_ms
 
@@ -324,7 +332,8 @@ def base_cost(base: Base, chains: Mapping[TP, Chain], at_ms: int | None,
     snap = sum(f.bytes for m in base.links for f in m.files if f.topic in topics)
     return snap + sum(
         r.segment.bytes for tp, c in chains.items()
-        for r in chain_reads(c, base.starts[tp], at_ms, ends[tp] if ends else None, base.alone))
+        for r in chain_reads(c, base.starts[tp], at_ms, ends[tp] if ends else None,
+                             tp in base.alone_parts))
 
 
 def window_with(chains: Mapping[TP, Chain], usable: Iterable[Base]) -> Window:
@@ -492,7 +501,7 @@ def plan_restore(
         start = base.starts[tp]
         plans.append(PartitionPlan(
             topic=tp[0], partition=tp[1], entity=topics[tp[0]],
-            reads=tuple(chain_reads(c, start, at_ms, cut_offset, base.alone)),
+            reads=tuple(chain_reads(c, start, at_ms, cut_offset, tp in base.alone_parts)),
             cut_offset=cut_offset, cut_ms=at_ms if cut_offset is None else None,
             first=c.first, covered_end=c.end, newest_ms=c.newest_ms,
             snapshot_cut=start if base.links else None,
