@@ -245,8 +245,10 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool,
         from replicator.snapshot.tiers import Tiers
 
         tiers = Tiers.for_store(ingestor.store, cfg.retention.archive_url)
+        first = cfg.kafka.topics[0]
         scheduler = Scheduler(compaction=cfg.compaction, retention=cfg.retention,
-                              list_snapshots=tiers.list, config_path=config_path)
+                              list_snapshots=tiers.list, config_path=config_path,
+                              is_leader=lambda: ingestor.owns(first, 0))
         tasks.append(asyncio.create_task(scheduler.run(stop), name="backup-schedule"))
     display = _Progress(ingestor, published) if show_progress else None
     stopper = asyncio.create_task(stop.wait())

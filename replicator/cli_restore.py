@@ -267,9 +267,19 @@ def _scan_paths(cfg: Config, entity: str, from_ms: int | None, to_ms: int | None
     cat = _catalog(cfg)
 
     async def go() -> tuple[RestorePlan, dict[str, Path]]:
+        from replicator.retention import load_trimmed
+
         segs, wms = await load_catalog(cat)
         plan = plan_scan(segs, wms, topic_entities=_topic_entities(cfg, reg), entity=entity,
                          from_ms=from_ms, to_ms=to_ms)
+        te = _topic_entities(cfg, reg)
+        gone = {tp: off for tp, off in (await load_trimmed(cat.store)).items()
+                if te.get(tp[0]) == entity}
+        if gone:
+            click.echo("warning: retention removed the segments before " + ", ".join(
+                f"{t}[{p}]@{off}" for (t, p), off in sorted(gone.items()))
+                + ": older changes are not in this history (snapshots keep only the "
+                "latest state)", err=True)
         return plan, await local_paths(cat, plan)
 
     return _run(go())

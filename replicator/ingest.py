@@ -274,6 +274,11 @@ class Ingestor:
                 await self._commit(consumer, force=True, logs=None)
         await self.spool.release(tps)
 
+    def owns(self, topic: str, partition: int) -> bool:
+        """Is ``topic[partition]`` assigned to this instance right now?"""
+        consumer = self._consumer
+        return consumer is not None and TopicPartition(topic, partition) in consumer.assignment()
+
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         consumer = self._consumer
         if consumer is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from replicator.compaction.schedule import due_kind
 from replicator.config import CompactionSettings
 from replicator.snapshot.manifest import Manifest
@@ -61,3 +63,23 @@ async def test_a_store_error_does_not_end_the_schedule() -> None:
     assert sched.last_error is not None and "manifest.json" in sched.last_error
     stop.set()
     await asyncio.wait_for(task, 2)
+
+
+async def test_only_the_leader_compacts() -> None:
+    from replicator.compaction.schedule import Scheduler
+    from replicator.config import RetentionSettings
+
+    listed = 0
+
+    async def snaps() -> list[Manifest]:
+        nonlocal listed
+        listed += 1
+        now = int(time.time() * 1000)
+        return [snap("full", now), snap("archive", now)]
+
+    follower = Scheduler(compaction=S, retention=RetentionSettings(enabled=False),
+                         list_snapshots=snaps, config_path=None, is_leader=lambda: False)
+    assert await follower.check() is None and listed == 0
+    leader = Scheduler(compaction=S, retention=RetentionSettings(enabled=False),
+                       list_snapshots=snaps, config_path=None, is_leader=lambda: True)
+    assert await leader.check() is None and listed == 1  # nothing due: fresh full+archive

@@ -66,11 +66,18 @@ def due_kind(now_ms: int, snapshots: Iterable[Manifest], s: CompactionSettings) 
 
 class Scheduler:
     """Runs the schedule until ``stop`` is set. Failures are logged and retried at the next
-    check; they never stop ingest."""
+    check; they never stop ingest.
+
+    With several instances in one consumer group sharing a store, ``is_leader`` elects the
+    one that compacts and applies retention: the service passes "this instance is assigned
+    partition 0 of the first topic", which Kafka's group protocol gives to exactly one member
+    at a time (a rebalance may briefly overlap two; the store's create-only puts keep each
+    snapshot whole, and a leftover is swept by the next run)."""
 
     def __init__(self, *, compaction: CompactionSettings, retention: RetentionSettings,
                  list_snapshots: Callable[[], Awaitable[list[Manifest]]],
-                 config_path: Path | None) -> None:
+                 config_path: Path | None,
+                 is_leader: Callable[[], bool] = lambda: True) -> None:
         self.compaction = compaction
         self.retention = retention
         self._list = list_snapshots
@@ -78,6 +85,7 @@ class Scheduler:
         self.last_result: dict[str, object] | None = None
         self.last_error: str | None = None
         self._last_retention = 0.0
+        self._is_leader = is_leader
 
     def _argv(self, *args: str) -> list[str]:
         cfg = ["--config", str(self._config_path)] if self._config_path else []
@@ -106,7 +114,10 @@ class Scheduler:
 
     async def check(self) -> str | None:
         """One scheduling step: run the due compaction (if any) and retention (when its
-        interval has passed); return the kind run."""
+        interval has passed); return the kind run. Only the leader does anything: with
+        several instances sharing a store, one compactor at a time (see :meth:`run`)."""
+        if not self._is_leader():
+            return None
         kind = due_kind(int(time.time() * 1000), await self._list(), self.compaction)
         if kind is not None:
             res = await self._child("compact", "--kind", kind, "--json")
