@@ -85,11 +85,14 @@ class CorruptSegmentError(SegmentError):
     block; ``offset`` is the first Kafka offset the bad block claims, when it is readable.
     """
 
+    #: what kind of file the message names
+    kind = "segment"
+
     def __init__(self, path: str, position: int, reason: str, offset: int | None = None) -> None:
         where = f"{path} at byte {position}"
         if offset is not None:
             where += f" (block starting at offset {offset})"
-        super().__init__(f"corrupt segment {where}: {reason}")
+        super().__init__(f"corrupt {self.kind} {where}: {reason}")
         self.path = path
         self.position = position
         self.reason = reason
@@ -101,12 +104,7 @@ class CorruptSnapshotError(CorruptSegmentError):
     the bad block or footer). A subclass of :class:`CorruptSegmentError` so that every
     caller that stops on a corrupt backup file stops on this one too."""
 
-    def __init__(self, path: str, position: int, reason: str, offset: int | None = None) -> None:
-        super().__init__(path, position, reason, offset)
-        self.args = (f"corrupt snapshot {path} at byte {position}: {reason}",)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+    kind = "snapshot"
 
 
 class CompactionError(ReplicatorError):

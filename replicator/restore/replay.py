@@ -26,12 +26,12 @@ from typing import NamedTuple
 
 import msgspec
 
-from replicator.errors import CorruptSegmentError, CorruptSnapshotError
+from replicator.errors import CorruptSegmentError
 from replicator.restore.planner import PartitionPlan, RestorePlan, SegmentInfo
 from replicator.segment import format as fmt
 from replicator.segment.reader import SegmentReader
-from replicator.snapshot import format as sfmt
 from replicator.snapshot.file import SnapshotFileReader
+from replicator.snapshot.format import Entry
 from replicator.snapshot.manifest import Manifest
 
 
@@ -195,6 +195,17 @@ def _beats(a: Change, b: Change) -> bool:
     return (a[0], a[1], a[2]) > (b[0], b[1], b[2])
 
 
+def _link_entries(r: SnapshotFileReader, keys: Collection[str] | None
+                  ) -> Iterator[tuple[int, list[Entry]]]:
+    """(bytes read, entries) of one snapshot file: for a few ``keys`` only their blocks,
+    found through the sparse key index; otherwise every block."""
+    if keys is not None and len(keys) <= INDEX_LOOKUP_MAX_KEYS:
+        yield 0, [e for k in sorted(keys) for e in r.lookup(k)]
+        return
+    for b, entries in r.entry_blocks():
+        yield b.size, entries
+
+
 def load_snapshots(
     plan: RestorePlan,
     snapshot_opener: SnapshotOpener,
@@ -217,23 +228,7 @@ def load_snapshots(
                 continue
             stats.files += 1
             with SnapshotFileReader(snapshot_opener(link, f.name), name=f.name) as r:
-                if keys is not None and len(keys) <= INDEX_LOOKUP_MAX_KEYS:
-                    # a few keys: the sparse key index finds each one's block
-                    for want in sorted(keys):
-                        for key, part, off, ts, ver, value, kkey, hdrs in r.lookup(want):
-                            rank = rank_of.get((f.topic, part))
-                            if rank is not None:
-                                initial[(f.topic, part)][key] = (
-                                    ver, ts, rank, off, value, kkey if keep_record else None,
-                                    hdrs if keep_record else b"")
-                            stats.events += 1
-                    continue
-                for b, raw in r.block_payloads():
-                    try:
-                        entries = list(sfmt.iter_entries(raw))
-                    except (ValueError, UnicodeDecodeError) as exc:
-                        raise CorruptSnapshotError(f.name, b.position,
-                                                   f"bad entry framing: {exc}") from None
+                for size, entries in _link_entries(r, keys):
                     for key, part, off, ts, ver, value, kkey, hdrs in entries:
                         if keys is not None and key not in keys:
                             continue
@@ -245,7 +240,7 @@ def load_snapshots(
                                             kkey if keep_record else None,
                                             hdrs if keep_record else b"")
                     stats.events += len(entries)
-                    stats.bytes += b.size
+                    stats.bytes += size
                     if progress is not None:
                         progress(len(entries))
     return initial

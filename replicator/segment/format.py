@@ -22,6 +22,7 @@ import struct
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lz4.block
 import orjson
@@ -73,37 +74,19 @@ class SegmentHeader:
     minor: int = FORMAT_MINOR
 
     def encode(self) -> bytes:
-        meta = orjson.dumps(
-            {
-                "topic": self.topic,
-                "partition": self.partition,
-                "base_offset": self.base_offset,
-                "created_ms": self.created_ms,
-                "codec": "lz4",
-            },
-            option=orjson.OPT_SORT_KEYS,
-        )
-        versions = struct.pack("<HHI", self.major, self.minor, len(meta))
-        crc = zlib.crc32(meta, zlib.crc32(versions))
-        return FILE_HEADER.pack(FILE_MAGIC, self.major, self.minor, len(meta), crc) + meta
+        return encode_meta_header(FILE_MAGIC, self.major, self.minor, {
+            "topic": self.topic,
+            "partition": self.partition,
+            "base_offset": self.base_offset,
+            "created_ms": self.created_ms,
+            "codec": "lz4",
+        })
 
     @staticmethod
     def decode(buf: bytes, path: str) -> tuple[SegmentHeader, int]:
         """Decode the header at the start of ``buf``; return it and its encoded length."""
-        if len(buf) < FILE_HEADER.size:
-            raise CorruptSegmentError(path, 0, "file shorter than its header")
-        magic, major, minor, meta_len, crc = FILE_HEADER.unpack_from(buf, 0)
-        if magic != FILE_MAGIC:
-            raise CorruptSegmentError(path, 0, "not a replicator segment (bad magic)")
-        if major != FORMAT_MAJOR:
-            raise UnsupportedVersionError(path, major, minor, FORMAT_MAJOR)
-        end = FILE_HEADER.size + meta_len
-        if len(buf) < end:
-            raise CorruptSegmentError(path, 0, "truncated file header")
-        meta_bytes = bytes(buf[FILE_HEADER.size : end])
-        if zlib.crc32(meta_bytes, zlib.crc32(struct.pack("<HHI", major, minor, meta_len))) != crc:
-            raise CorruptSegmentError(path, 0, "file header checksum mismatch")
-        meta = orjson.loads(meta_bytes)
+        major, minor, meta, end = decode_meta_header(buf, path, FILE_MAGIC, FORMAT_MAJOR,
+                                                     CorruptSegmentError)
         header = SegmentHeader(
             topic=str(meta["topic"]),
             partition=int(meta["partition"]),
@@ -113,6 +96,36 @@ class SegmentHeader:
             minor=minor,
         )
         return header, end
+
+
+def encode_meta_header(magic: bytes, major: int, minor: int, meta: dict[str, Any]) -> bytes:
+    """A file header: ``magic``, format version, and ``meta`` as sorted-key JSON, with a CRC
+    over version and meta (docs/FORMAT.md §2.1; snapshot files use the same layout)."""
+    body = orjson.dumps(meta, option=orjson.OPT_SORT_KEYS)
+    versions = struct.pack("<HHI", major, minor, len(body))
+    crc = zlib.crc32(body, zlib.crc32(versions))
+    return FILE_HEADER.pack(magic, major, minor, len(body), crc) + body
+
+
+def decode_meta_header(buf: bytes, path: str, magic: bytes, supported_major: int,
+                       error: type[CorruptSegmentError]
+                       ) -> tuple[int, int, dict[str, Any], int]:
+    """(major, minor, meta, encoded length) of the header :func:`encode_meta_header` wrote;
+    ``error`` (its ``kind`` names the file) for anything damaged."""
+    if len(buf) < FILE_HEADER.size:
+        raise error(path, 0, "file shorter than its header")
+    got, major, minor, meta_len, crc = FILE_HEADER.unpack_from(buf, 0)
+    if got != magic:
+        raise error(path, 0, f"not a replicator {error.kind} (bad magic)")
+    if major != supported_major:
+        raise UnsupportedVersionError(path, major, minor, supported_major)
+    end = FILE_HEADER.size + meta_len
+    if len(buf) < end:
+        raise error(path, 0, "truncated file header")
+    body = bytes(buf[FILE_HEADER.size : end])
+    if zlib.crc32(body, zlib.crc32(struct.pack("<HHI", major, minor, meta_len))) != crc:
+        raise error(path, 0, "file header checksum mismatch")
+    return major, minor, orjson.loads(body), end
 
 
 @dataclass(frozen=True, slots=True)

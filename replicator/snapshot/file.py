@@ -147,14 +147,22 @@ class SnapshotFileReader:
         for b in self.blocks:
             yield b, sfmt.decode_block(self._mm, b, self.name)
 
+    def _entries(self, b: BlockRef, raw: bytes) -> list[Entry]:
+        try:
+            return list(sfmt.iter_entries(raw))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptSnapshotError(self.name, b.position,
+                                       f"bad entry framing: {exc}") from None
+
+    def entry_blocks(self) -> Iterator[tuple[BlockRef, list[Entry]]]:
+        """Each block with its decoded entries, in file order (every check applied)."""
+        for b, raw in self.block_payloads():
+            yield b, self._entries(b, raw)
+
     def __iter__(self) -> Iterator[Entry]:
         """Every entry in ``(key, partition)`` order."""
-        for b, raw in self.block_payloads():
-            try:
-                yield from sfmt.iter_entries(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise CorruptSnapshotError(self.name, b.position,
-                                           f"bad entry framing: {exc}") from None
+        for _b, entries in self.entry_blocks():
+            yield from entries
 
     def lookup(self, key: str) -> list[Entry]:
         """The entries of ``key`` (one per partition it occurs in); reads one block."""
@@ -162,12 +170,8 @@ class SnapshotFileReader:
         if i < 0 or key > self.blocks[i].last_key:
             return []
         b = self.blocks[i]
-        try:
-            return [e for e in sfmt.iter_entries(sfmt.decode_block(self._mm, b, self.name))
-                    if e[0] == key]
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptSnapshotError(self.name, b.position,
-                                       f"bad entry framing: {exc}") from None
+        raw = sfmt.decode_block(self._mm, b, self.name)
+        return [e for e in self._entries(b, raw) if e[0] == key]
 
     def verify(self) -> tuple[int, str]:
         """Check every block, the entry order and the index; return the entry count and the
@@ -177,23 +181,16 @@ class SnapshotFileReader:
         prev: tuple[str, int] | None = None
         for b, raw in self.block_payloads():
             content.update(raw)
-            first: str | None = None
-            last = ""
-            k = 0
-            try:
-                for e in sfmt.iter_entries(raw):
-                    cur = (e[0], e[1])
-                    if prev is not None and cur <= prev:
-                        raise CorruptSnapshotError(self.name, b.position,
-                                                   f"entries out of order at key {e[0]!r}")
-                    prev = cur
-                    first = e[0] if first is None else first
-                    last = e[0]
-                    k += 1
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise CorruptSnapshotError(self.name, b.position,
-                                           f"bad entry framing: {exc}") from None
-            if k != b.entries or first != b.first_key or last != b.last_key:
+            entries = self._entries(b, raw)
+            for e in entries:
+                cur = (e[0], e[1])
+                if prev is not None and cur <= prev:
+                    raise CorruptSnapshotError(self.name, b.position,
+                                               f"entries out of order at key {e[0]!r}")
+                prev = cur
+            k = len(entries)
+            if k != b.entries or not entries or (entries[0][0], entries[-1][0]) != (
+                    b.first_key, b.last_key):
                 raise CorruptSnapshotError(self.name, b.position,
                                            "block contents disagree with the footer index")
             n += k

@@ -31,7 +31,8 @@ from typing import Any
 import lz4.block
 import orjson
 
-from replicator.errors import CorruptSnapshotError, UnsupportedVersionError
+from replicator.errors import CorruptSnapshotError
+from replicator.segment.format import FILE_HEADER, decode_meta_header, encode_meta_header
 
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 0
@@ -45,8 +46,6 @@ CODEC_NONE = 0
 CODEC_LZ4 = 1
 FLAG_DELETE = 0x01
 
-#: magic, major, minor, meta_len, crc(major..meta)
-FILE_HEADER = struct.Struct("<8sHHII")
 #: magic, crc (of header bytes [8, 24) + payload), payload_len, raw_len, entries, codec,
 #: flags, reserved
 BLOCK_HEADER = struct.Struct("<4sIIIIBBH")
@@ -70,26 +69,13 @@ Entry = tuple[str, int, int, int, int, bytes | None, bytes | None, bytes]
 
 
 def encode_file_header(meta: dict[str, Any]) -> bytes:
-    body = orjson.dumps(meta, option=orjson.OPT_SORT_KEYS)
-    versions = struct.pack("<HHI", FORMAT_MAJOR, FORMAT_MINOR, len(body))
-    crc = zlib.crc32(body, zlib.crc32(versions))
-    return FILE_HEADER.pack(FILE_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, len(body), crc) + body
+    return encode_meta_header(FILE_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, meta)
 
 
 def decode_file_header(buf: bytes, path: str) -> tuple[dict[str, Any], int]:
-    if len(buf) < FILE_HEADER.size:
-        raise CorruptSnapshotError(path, 0, "file shorter than its header")
-    magic, major, minor, meta_len, crc = FILE_HEADER.unpack_from(buf, 0)
-    if magic != FILE_MAGIC:
-        raise CorruptSnapshotError(path, 0, "not a replicator snapshot (bad magic)")
-    if major != FORMAT_MAJOR:
-        raise UnsupportedVersionError(path, major, minor, FORMAT_MAJOR)
-    end = FILE_HEADER.size + meta_len
-    body = bytes(buf[FILE_HEADER.size:end])
-    if len(body) != meta_len or zlib.crc32(
-            body, zlib.crc32(struct.pack("<HHI", major, minor, meta_len))) != crc:
-        raise CorruptSnapshotError(path, 0, "file header checksum mismatch")
-    return orjson.loads(body), end
+    _major, _minor, meta, end = decode_meta_header(buf, path, FILE_MAGIC, FORMAT_MAJOR,
+                                                   CorruptSnapshotError)
+    return meta, end
 
 
 def encode_entry(key: bytes, partition: int, offset: int, ts: int, version: int,

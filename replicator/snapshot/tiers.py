@@ -67,19 +67,21 @@ class Tiers:
         return await self.store_of(m).fetch_to(
             name, self.tmp / ("snap-" + name.replace("/", "_")))
 
+    @staticmethod
+    async def _orphan_dirs(store: Store, root: str) -> dict[str, builtins.list[str]]:
+        """Per snapshot id under ``root`` without a manifest: the objects its directory holds."""
+        by_sid: dict[str, list[str]] = {}
+        for o in await store.list(root + "/"):
+            parsed = naming.parse_snapshot_object(o.name)
+            if parsed is not None and parsed[0] == root:
+                by_sid.setdefault(parsed[1], []).append(o.name)
+        return {sid: names for sid, names in by_sid.items()
+                if naming.snapshot_manifest_name(sid, root) not in names}
+
     async def orphans(self) -> builtins.list[tuple[Store, str]]:
         """Objects under snapshot directories that have no manifest."""
-        out: list[tuple[Store, str]] = []
-        for _name, store, root in self.tiers():
-            objs = await store.list(root + "/")
-            complete = {naming.parse_snapshot_object(o.name)[1]  # type: ignore[index]
-                        for o in objs if o.name.endswith("/" + naming.MANIFEST_NAME)
-                        and naming.parse_snapshot_object(o.name) is not None}
-            for o in objs:
-                parsed = naming.parse_snapshot_object(o.name)
-                if parsed is not None and parsed[0] == root and parsed[1] not in complete:
-                    out.append((store, o.name))
-        return out
+        return [(store, name) for _name, store, root in self.tiers()
+                for names in (await self._orphan_dirs(store, root)).values() for name in names]
 
     async def sweep_orphans(self) -> int:
         """Delete the leftovers of interrupted compactions and archive moves: temp files of
@@ -89,15 +91,11 @@ class Tiers:
         n = 0
         for _name, store, root in self.tiers():
             n += await store.sweep(0.0, prefix=root + "/")
-        dirs: set[tuple[int, str]] = set()
-        for store, name in await self.orphans():
-            await store.delete(name)
-            dirs.add((id(store), name.rsplit("/", 1)[0] + "/"))
-            n += 1
-        for _name, store, _root in self.tiers():
-            for sid, prefix in dirs:
-                if sid == id(store):
-                    await store.prune(prefix)
+            for sid, names in (await self._orphan_dirs(store, root)).items():
+                for name in names:
+                    await store.delete(name)
+                    n += 1
+                await store.prune(naming.snapshot_dir(sid, root))
         return n
 
     async def check_manifest(self, m: Manifest) -> None:
