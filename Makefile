@@ -34,6 +34,7 @@ lint: $(STAMP)
 
 test: lint
 	bash deploy/kafka/kafka.sh fetch
+	bash deploy/s3/s3.sh fetch
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: $(STAMP)
@@ -41,6 +42,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	bash deploy/kafka/kafka.sh fetch
+	bash deploy/s3/s3.sh fetch
 	$(PY) -m bench.run
 
 kafka-start: $(STAMP)

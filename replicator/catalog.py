@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import tempfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +25,10 @@ import orjson
 
 from replicator import naming
 from replicator.errors import CorruptSegmentError, SegmentError
+from replicator.segment import format as fmt
 from replicator.segment.reader import SegmentReader
-from replicator.storage.base import Store
+from replicator.storage.base import ObjectInfo, Store
+from replicator.storage.local import LocalStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +134,21 @@ class Catalog:
     async def list(
         self, topic: str | None = None, *, include_spool: bool = True
     ) -> list[SegmentEntry]:
-        """Every segment, store first then spool, sorted by topic, partition, offset."""
+        """Every segment, store first then spool, sorted by topic, partition, offset.
+
+        A local store's files are read in place; a remote store's summaries come from two
+        ranged reads of each segment's tail (trailer, footer), never the whole object."""
         out: list[SegmentEntry] = []
-        for name in await self.store_names(topic):
-            path = await self._local(name)
-            out.append(await asyncio.to_thread(self._read_entry, path, name, "store"))
+        local = isinstance(self.store, LocalStore)
+        objs = await self.store.list(naming.segments_prefix(topic))
+        for obj in objs:
+            if not naming.is_segment_name(obj.name):
+                continue
+            if local:
+                path = await self._local(obj.name)
+                out.append(await asyncio.to_thread(self._read_entry, path, obj.name, "store"))
+            else:
+                out.append(await remote_entry(self.store, obj))
         if include_spool:
             for path in self.spool_paths(topic):
                 try:
@@ -328,3 +341,45 @@ def find_missing_tails(
                 )
             )
     return problems
+
+
+#: tail bytes read first: a footer of a 64 MiB segment of 1 MiB blocks is ~1.5 KiB
+_TAIL_GUESS = 64 * 1024
+_summary_cache: dict[tuple[str, str, int], SegmentEntry] = {}
+
+
+async def remote_entry(store: Store, obj: ObjectInfo) -> SegmentEntry:
+    """A sealed segment's summary from its trailer and footer, read with ranged gets
+    (cached per store, name and size: sealed segments never change)."""
+    key = (store.url, obj.name, obj.size)
+    hit = _summary_cache.get(key)
+    if hit is not None:
+        return hit
+    where = f"{store.url}/{obj.name}"
+    tail_len = min(obj.size, _TAIL_GUESS)
+    tail = await store.get_bytes(obj.name, obj.size - tail_len, tail_len)
+    trailer = fmt.decode_trailer(tail)
+    if trailer is None or len(tail) != tail_len:
+        raise CorruptSegmentError(where, max(0, obj.size - fmt.TRAILER.size),
+                                  "no segment trailer (not sealed or truncated)")
+    footer_pos, footer_len, crc = trailer
+    if footer_pos + footer_len + fmt.TRAILER.size != obj.size:
+        raise CorruptSegmentError(where, footer_pos, "trailer points outside the file")
+    if footer_len + fmt.TRAILER.size <= tail_len:
+        footer = tail[tail_len - fmt.TRAILER.size - footer_len: tail_len - fmt.TRAILER.size]
+    else:
+        footer = await store.get_bytes(obj.name, footer_pos, footer_len)
+    if zlib.crc32(footer) != crc:
+        raise CorruptSegmentError(where, footer_pos, "footer checksum mismatch")
+    summary, _positions = fmt.decode_footer(footer, where, footer_pos)
+    parsed = naming.parse_segment_name(obj.name)
+    entry = SegmentEntry(
+        name=obj.name, location="store", topic=parsed.topic, partition=parsed.partition,
+        start=summary.start, end=summary.end, records=summary.records,
+        min_ts=summary.min_ts, max_ts=summary.max_ts, watermark_ms=summary.watermark_ms,
+        bytes=obj.size, raw_bytes=summary.raw_bytes, blocks=summary.blocks, sealed=True,
+    )
+    if len(_summary_cache) > 100_000:
+        _summary_cache.clear()
+    _summary_cache[key] = entry
+    return entry

@@ -218,6 +218,8 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool,
             port=cfg.server.port,
             healthy=lambda: ingestor.spool._failure is None,
             ready=lambda: ingestor.ready,
+            tail=ingestor.tail,
+            destinations=(ingestor.fanout.status if ingestor.fanout is not None else None),
         )
         try:
             await server.start()
@@ -579,4 +581,4 @@ if __name__ == "__main__":
 
 
 # restore, backups, get, history, export, compact, retention: registered on ``main``
-from replicator import cli_compact, cli_restore  # noqa: E402,F401
+from replicator import cli_compact, cli_replicas, cli_restore  # noqa: E402,F401

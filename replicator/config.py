@@ -11,7 +11,12 @@ Example (all keys optional; these are the defaults)::
     topics = ["attendance", "participant", "config"]
 
     [store]
-    url = ""                      # empty: <ingest.data_dir>/store
+    url = ""                      # empty: <ingest.data_dir>/store (the primary destination)
+
+    [[destinations]]              # further destinations (none by default), any number
+    name = "dr"
+    url = "s3://bucket/prefix?endpoint=https://s3.example.net"
+    required = false              # true: Kafka commits wait until this one holds the data
 
     [ingest]
     data_dir = "./var/replicator"
@@ -33,6 +38,7 @@ Example (all keys optional; these are the defaults)::
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -43,6 +49,7 @@ from replicator.errors import ConfigError, InvalidNameError
 from replicator.naming import check_topic
 
 ENV_PREFIX = "REPLICATOR_"
+_DEST_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,16 @@ class KafkaSettings:
 class StoreSettings:
     #: ``file:///path`` or a path; empty means ``<ingest.data_dir>/store``
     url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationSettings:
+    """A further destination: everything the primary store receives is copied to it."""
+
+    name: str = ""
+    url: str = ""
+    #: Kafka offsets are committed only up to what this destination holds
+    required: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +156,7 @@ class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     compaction: CompactionSettings = field(default_factory=CompactionSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    destinations: tuple[DestinationSettings, ...] = ()
 
     @property
     def store_url(self) -> str:
@@ -215,6 +233,13 @@ def _apply(
     return replace(current, **changes)
 
 
+def _destinations(values: Any, source: str) -> tuple[DestinationSettings, ...]:
+    if not isinstance(values, list) or not all(isinstance(v, dict) for v in values):
+        raise ConfigError("destinations", "expected an array of tables ([[destinations]])")
+    return tuple(_apply(f"destinations[{i}]", DestinationSettings(), v, source, from_env=False)
+                 for i, v in enumerate(values))
+
+
 def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Read ``path`` (optional), apply environment overrides, validate, return the config."""
     env = os.environ if env is None else env
@@ -229,6 +254,9 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
             raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
     cfg = Config()
     for name, values in raw.items():
+        if name == "destinations":
+            cfg = replace(cfg, destinations=_destinations(values, str(path)))
+            continue
         if name not in _SECTIONS:
             raise ConfigError(name, f"unknown section in {path}; known: {sorted(_SECTIONS)}")
         if not isinstance(values, dict):
@@ -307,5 +335,20 @@ def validate(cfg: Config) -> None:
             "compaction.full_s",
             f"a full snapshot every {c.full_s:g}s is rarer than the segment retention "
             f"({r.segments_days:g} days): points in the window would lose their base")
+    seen = {"primary"}
+    for n, dest in enumerate(cfg.destinations):
+        where = f"destinations[{n}]"
+        if not _DEST_NAME.fullmatch(dest.name):
+            raise ConfigError(f"{where}.name", "required: 1-40 of a-z 0-9 _ - (not 'primary')")
+        if dest.name in seen:
+            raise ConfigError(f"{where}.name", f"{dest.name!r} is used twice (or is reserved)")
+        seen.add(dest.name)
+        if not dest.url:
+            raise ConfigError(f"{where}.url", "required")
+        if dest.url == cfg.store_url:
+            raise ConfigError(f"{where}.url", "is the primary store itself ([store] url)")
+        from replicator.storage.base import open_store
+
+        open_store(dest.url)  # scheme and URL checks; no I/O
     if not 0 <= cfg.server.port <= 65535:
         raise ConfigError("server.port", "must be 0..65535")

@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError, RecordTooLargeError
 
 from replicator.config import Config
+from replicator.destinations import Fanout, NotifyingStore, build_fanout
 from replicator.errors import BrokerError, ConfigError, ReplicatorError
 from replicator.fastcheck import FastAccept
 from replicator.metrics import Metrics
@@ -154,6 +155,13 @@ class Ingestor:
         self.config = config
         self.metrics = metrics or Metrics()
         self.store = store or open_store(config.store_url)
+        self.primary = self.store
+        #: copies to the further destinations; None when only the primary is configured
+        self.fanout: Fanout | None = None
+        if config.destinations:
+            self.fanout = build_fanout(config.destinations, primary=self.primary,
+                                       metrics=self.metrics)
+            self.store = NotifyingStore(self.primary, self.fanout.stored)
         self.registry = registry or SchemaRegistry.load(config.ingest.schemas_dir)
         self.validator = EventValidator(
             registry=self.registry, max_event_bytes=config.ingest.max_event_bytes
@@ -241,6 +249,8 @@ class Ingestor:
         if swept:
             log.info("removed %d temp files of interrupted store writes", swept)
         await self.spool.start()
+        if self.fanout is not None:
+            await self.fanout.start()
         consumer.subscribe(topics=list(k.topics), listener=_Rebalance(self))
         log.info("ingest started", extra={"topics": k.topics, "group": k.group_id})
 
@@ -256,6 +266,9 @@ class Ingestor:
         try:
             await self.spool.stop()
         finally:
+            if self.fanout is not None:
+                with contextlib.suppress(Exception):
+                    await self.fanout.stop(drain_s=10.0)
             if consumer is not None:
                 with contextlib.suppress(Exception):
                     await self._commit(consumer, force=True, logs=None)
@@ -511,15 +524,19 @@ class Ingestor:
     async def _commit(
         self, consumer: AIOKafkaConsumer, *, force: bool, logs: list[TopicPartition] | None
     ) -> None:
-        """Commit durable offsets (never beyond fsync'd records) to the consumer group."""
+        """Commit durable offsets to the consumer group: never beyond fsync'd records, nor
+        beyond what a *required* further destination holds."""
         self._last_commit = time.monotonic()
         offsets: dict[TopicPartition, int] = {}
         for tp, plog in self.spool.logs.items():
-            if plog.durable < 0:
+            end = plog.durable
+            if self.fanout is not None:
+                end = self.fanout.acked_end(tp, end)
+            if end < 0:
                 continue
             tpk = TopicPartition(*tp)
-            if self._committed.get(tpk) != plog.durable:
-                offsets[tpk] = plog.durable
+            if self._committed.get(tpk) != end:
+                offsets[tpk] = end
         if not offsets:
             return
         try:
@@ -530,6 +547,16 @@ class Ingestor:
             log.warning("offset commit failed: %s", exc)
             if force:
                 raise
+
+    def tail(self, topic: str, partition: int, start: int
+             ) -> tuple[int, list[tuple[int, bytes]], int | None] | None:
+        """Live followers: (durable end, durable blocks holding offsets ``>= start``, oldest
+        buffered offset) of a partition this instance owns; None if it does not own it."""
+        plog = self.spool.logs.get((topic, partition))
+        if plog is None:
+            return None
+        blocks, oldest = plog.tail(start)
+        return plog.durable, blocks, oldest
 
     # -- status for progress displays -------------------------------------------------------
 

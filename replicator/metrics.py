@@ -59,3 +59,21 @@ class Metrics:
         self.store_errors = Counter(
             "replicator_store_errors", "Failed store operations (retried)", ["op"], registry=r
         )
+        self.destination_backlog = Gauge(
+            "replicator_destination_backlog_objects",
+            "Objects the primary store holds that a further destination still lacks",
+            ["destination"], registry=r,
+        )
+        self.destination_up = Gauge(
+            "replicator_destination_up", "1 when the destination's last operation succeeded",
+            ["destination"], registry=r,
+        )
+        self.destination_rpo = Gauge(
+            "replicator_destination_rpo_seconds",
+            "Age of the newest point restorable from the destination (the RPO it gives)",
+            ["destination"], registry=r,
+        )
+        self.destination_errors = Counter(
+            "replicator_destination_errors", "Failed copies to a destination (retried)",
+            ["destination"], registry=r,
+        )

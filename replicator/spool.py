@@ -31,6 +31,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -78,6 +79,8 @@ class SpoolSettings:
     watermark_interval_s: float = 1.0
     max_pending_bytes: int = 32 * 1024 * 1024
     ship_retry_max_s: float = 30.0
+    #: encoded durable blocks kept in memory per partition for live followers (bytes)
+    tail_buffer_bytes: int = 16 * 1024 * 1024
 
 
 def _now_ms() -> int:
@@ -125,6 +128,11 @@ class PartitionLog:
         self.shipped_end: int | None = None
         #: the store's watermark object is behind (an idle segment was dropped unshipped)
         self.watermark_dirty = False
+        #: recent durable blocks for live followers: (start, end, durable wall ms, bytes);
+        #: ``_written`` holds the newest written block until its fsync returns
+        self.recent: collections.deque[tuple[int, int, int, bytes]] = collections.deque()
+        self.recent_bytes = 0
+        self._written: bytes | None = None
 
     @property
     def tp(self) -> TP:
@@ -216,12 +224,27 @@ class PartitionLog:
                 path, topic=self.topic, partition=self.partition, base_offset=block.start
             )
         self.active.write(block)
+        self._written = self.active.last_block
 
     def block_durable(self, block: PendingBlock, now_mono: float) -> None:
         self.durable = block.end
+        data, self._written = self._written, None
+        if data is not None and self.settings.tail_buffer_bytes > 0:
+            self.recent.append((block.start, block.end, int(time.time() * 1000), data))
+            self.recent_bytes += len(data)
+            while self.recent_bytes > self.settings.tail_buffer_bytes and len(self.recent) > 1:
+                self.recent_bytes -= len(self.recent.popleft()[3])
         if block.watermark_ms:
             self.durable_watermark_ms = block.watermark_ms
             self._last_watermark_mono = now_mono
+
+    def tail(self, from_offset: int) -> tuple[list[tuple[int, bytes]], int | None]:
+        """Durable blocks holding offsets ``>= from_offset`` as (durable ms, encoded block),
+        and the oldest offset the buffer still holds (None: empty)."""
+        oldest = self.recent[0][0] if self.recent else None
+        out = [(ms, data) for start, end, ms, data in self.recent
+               if end > from_offset and end <= self.durable]
+        return out, oldest
 
     def seal_due(self, now_mono: float) -> bool:
         a = self.active

@@ -3,7 +3,8 @@
 The broker comes from ``KAFKA_BOOTSTRAP_SERVERS`` if set, else testcontainers when a
 Docker daemon answers, else the local KRaft broker started by deploy/kafka/kafka.sh.
 If none can be had the session fails (it never turns integration tests into skips).
-PostgreSQL likewise: ``REPLICATOR_TEST_PG_DSN``, testcontainers, or deploy/postgres/pg.sh.
+PostgreSQL likewise: ``REPLICATOR_TEST_PG_DSN``, testcontainers, or deploy/postgres/pg.sh;
+S3: ``REPLICATOR_TEST_S3_ENDPOINT`` or versitygw started by deploy/s3/s3.sh.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from tests.kafka_service import (
     resolve_bootstrap,
     start_local_broker,
 )
+from tests.s3_service import S3Server, resolve_s3, start_local_s3
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +85,39 @@ def pg_dsn() -> Iterator[str]:
         subprocess.run(["bash", str(script), "stop", "--dir", str(d)], capture_output=True,
                        timeout=120, check=False)
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-compatible server for the whole session (see tests/s3_service.py)."""
+    d = Path(tempfile.mkdtemp(prefix="replicator-s3-"))
+    server = resolve_s3(d)
+    try:
+        yield server
+    finally:
+        if server.workdir is not None:
+            server.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture()
+def own_s3(tmp_path: Path) -> Iterator[S3Server]:
+    """A private S3 server (for tests that kill and restart it)."""
+    server = start_local_s3(tmp_path / "s3")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+async def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on the session's S3 server; returns its store URL."""
+    from replicator.storage.s3 import S3Store
+
+    name = "t-" + uuid.uuid4().hex[:20]
+    url = s3_server.url(name)
+    store = S3Store.from_url(url)
+    await store.ensure_bucket()
+    await store.close()
+    return url

@@ -220,6 +220,7 @@ class ActiveSegment:
         self._fd = fd
         self.opened_monotonic = time.monotonic()
         self._dirty = False
+        self.last_block = b""
 
     @classmethod
     def create(cls, path: Path, *, topic: str, partition: int, base_offset: int) -> ActiveSegment:
@@ -278,6 +279,7 @@ class ActiveSegment:
             flags=block.flags,
         )
         write_all(self._fd, data)
+        self.last_block = data  # the spool's tail buffer serves it to live followers
         meta = BlockMeta(
             position=self.size,
             payload_len=len(data) - fmt.BLOCK_HEADER.size,

@@ -73,16 +73,26 @@ class Store(Protocol):
         containers do not exist (object stores) or when it is not empty."""
         ...
 
+    async def close(self) -> None:
+        """Release connections (a no-op for a local directory); the store stays usable:
+        a later call opens them again."""
+        ...
+
 
 def open_store(url: str) -> Store:
-    """Build a store from a URL: ``file:///path`` or a plain path (local directory)."""
+    """Build a store from a URL: ``file:///path`` or a plain path (local directory), or
+    ``s3://bucket/prefix?endpoint=...`` (S3-compatible object storage)."""
     from replicator.storage.local import LocalStore
 
     parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        from replicator.storage.s3 import S3Store
+
+        return S3Store.from_url(url)
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else url
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             # file://relative/dir: treat netloc as the first path component
             path = parsed.netloc + parsed.path
         return LocalStore(root=Path(path))
-    raise ConfigError("store.url", f"unsupported store scheme {parsed.scheme!r} (use file://)")
+    raise ConfigError("store.url", f"unsupported store scheme {parsed.scheme!r} (use file:// or s3://)")

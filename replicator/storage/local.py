@@ -133,15 +133,16 @@ class LocalStore:
             with path.open("rb") as f:
                 f.seek(start)
                 return f.read() if length is None else f.read(length)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            # a directory, or a name below a file, is no object either (as on S3)
             raise ObjectNotFoundError(name) from None
 
     def delete_sync(self, name: str) -> None:
         path = self._path(name)
         try:
             path.unlink()
-        except FileNotFoundError:
-            return
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return  # not an object (missing, a directory, below a file): nothing to delete
         fsync_dir(path.parent)
 
     def sweep_temp_sync(self, older_than_s: float = 0.0, prefix: str = "") -> int:
@@ -203,3 +204,6 @@ class LocalStore:
 
     async def prune(self, prefix: str) -> None:
         await asyncio.to_thread(self.prune_sync, prefix)
+
+    async def close(self) -> None:
+        return None
