@@ -146,3 +146,89 @@ def destinations_cmd(ctx: click.Context, as_json: bool) -> None:
             f"({_human_bytes(r['bytes'])}), backlog {r['backlog_objects']} "
             f"({_human_bytes(r['backlog_bytes'])}), newest restorable "
             f"{format_ms(r['newest_restorable_ms'])}, RPO {rpo} [{state}]  {r['url']}")
+
+
+@main.command()
+@click.option("--target", "target_url", required=True,
+              help="The replica: postgresql://user@host/db[?schema=replica] or "
+                   "sqlite:///abs/path.db")
+@click.option("--live", "live", multiple=True,
+              help="HTTP endpoint of a running replicator to tail durable blocks from "
+                   "(repeatable). Default: this config's [server] address.")
+@click.option("--no-live", is_flag=True,
+              help="Only sealed segments from the store (lag up to ingest.seal_age_s).")
+@click.option("--poll-s", default=1.0, show_default=True,
+              help="How often the store is listed for new segments.")
+@click.option("--status", "status_only", is_flag=True,
+              help="Print the replica's applied position and lag, then exit.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output (with --status).")
+@click.pass_context
+def follow(ctx: click.Context, target_url: str, live: tuple[str, ...], no_live: bool,
+           poll_s: float, status_only: bool, as_json: bool) -> None:
+    """Keep a standby database continuously in sync with the backup.
+
+    A replica without positions is bootstrapped from the newest snapshot chain (a verified
+    restore); then new changes are applied continuously, each batch in one transaction
+    with the per-partition positions it reaches, so a crash or kill neither loses nor
+    repeats a change. A follower whose position retention removed re-bootstraps.
+
+    \b
+    Examples:
+      replicator follow --target sqlite:///srv/standby.db
+      replicator follow --target 'postgresql://replicator@db/standby?schema=replica'
+      replicator follow --target sqlite:///srv/standby.db --status --json
+    """
+    import asyncio
+    import signal
+
+    from replicator.cli_restore import _registry
+    from replicator.follow import Follower, follower_status, open_replica
+    from replicator.storage.base import open_store
+
+    cfg = _config(ctx)
+    topics = list(cfg.kafka.topics)
+    if status_only:
+        doc = _run(follower_status(open_store(cfg.store_url), open_replica(target_url), topics))
+        if as_json:
+            _dump(doc)
+            return
+        click.echo(f"replica {doc['target']}: "
+                   + ("bootstrapped" if doc["bootstrapped"] else "NOT bootstrapped")
+                   + f", lag {doc['lag_events']} events, {doc['lag_s']:.1f}s")
+        for r in doc["partitions"]:
+            lag_s = "n/a" if r["lag_s"] is None else f"{r['lag_s']:.1f}s"
+            click.echo(f"  {r['topic']}[{r['partition']}]  applied {r['applied_offset']}  "
+                       f"stored end {r['stored_end']}  lag {r['lag_events']} events ({lag_s})")
+        return
+    if not live and not no_live and cfg.server.port:
+        live = (f"http://{cfg.server.host}:{cfg.server.port}",)
+    if no_live:
+        live = ()
+    reg = _registry()
+
+    async def go() -> None:
+        last = [0.0]
+
+        def on_batch(f: Follower) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 5:
+                last[0] = now
+                lag = sorted(f.stats.lag_ms[-1000:])
+                p99 = f"{lag[int(len(lag) * 0.99) - 1 if len(lag) > 1 else 0]:.0f} ms" \
+                    if lag else "n/a"
+                click.echo(f"applied {f.stats.applied_events} events in {f.stats.batches} "
+                           f"batches; live lag p99 {p99}", err=True)
+
+        follower = Follower(store=open_store(cfg.store_url), replica=open_replica(target_url),
+                            registry=reg, topics=topics, live=live, poll_s=poll_s,
+                            archive_url=cfg.retention.archive_url, on_batch=on_batch)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, follower.request_stop)
+        async with follower:
+            click.echo(f"following {cfg.store_url} into {follower.replica.location}"
+                       + (f" (live: {', '.join(live)})" if live else ""), err=True)
+            await follower.run()
+        click.echo(f"stopped: applied {follower.stats.applied_events} events", err=True)
+
+    _run(go())

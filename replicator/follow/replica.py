@@ -1,0 +1,288 @@
+"""Replica targets: a standby database a follower keeps in sync, change batch by batch.
+
+The layout is the restore's (one table per entity, ``key`` primary key, typed data columns,
+``_version/_topic/_partition/_offset/_ts``), bootstrapped by a restore; on top of it the
+replica keeps ``replicator_positions`` (per partition: the next offset to apply, the Kafka
+timestamp of the last applied record and when it was applied).
+
+Invariant: :meth:`Replica.apply` writes a batch's rows **and** the positions it reaches in
+one transaction, so after a crash at any instant the stored positions describe exactly the
+rows that are there: a restarted follower neither loses nor repeats a change.
+
+Cross-partition rule (a key published to two partitions, which publishers should not do):
+an upsert replaces a row from another partition only when its ``(version, ts, partition)``
+is greater, like the restore's tie-break; a delete always applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncpg
+import orjson
+
+from replicator.errors import TargetError
+from replicator.restore.layout import TableLayout
+from replicator.targets.base import RowIn
+from replicator.targets.postgres import check_schema_name, pg_rows, split_url
+from replicator.targets.sqlite import sqlite_rows
+
+TP = tuple[str, int]
+POSITIONS_TABLE = "replicator_positions"
+RESTORES_TABLE = "replicator_restores"
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a partition stands in the replica."""
+
+    next_offset: int
+    last_ts_ms: int = 0
+    applied_ms: int = 0
+
+
+#: One batch: per entity, per key, the winning change's row (``None``: deleted)
+Batch = Mapping[str, Mapping[str, RowIn | None]]
+
+
+class Replica(Protocol):
+    #: where the replica lives, for messages (no credentials)
+    location: str
+    #: the URL a bootstrap restore writes into
+    restore_url: str
+
+    async def open(self) -> None:
+        """Connect; the tables may not exist yet (not bootstrapped)."""
+
+    async def positions(self) -> dict[TP, Position] | None:
+        """Stored positions; after a fresh bootstrap, the restore's cut; None when the
+        replica was never bootstrapped."""
+
+    async def apply(self, layouts: Mapping[str, TableLayout], batch: Batch,
+                    positions: Mapping[TP, Position]) -> None:
+        """Write ``batch`` and ``positions`` in one transaction."""
+
+    async def close(self) -> None: ...
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _cut_positions(cut: Any) -> dict[TP, Position] | None:
+    doc = orjson.loads(cut) if isinstance(cut, (str, bytes)) else cut
+    out: dict[TP, Position] = {}
+    for p in doc or []:
+        if p.get("end_offset") is None:
+            return None  # a time restore: no exact offsets to continue from
+        out[(str(p["topic"]), int(p["partition"]))] = Position(int(p["end_offset"]))
+    return out
+
+
+def _upsert_guard(table: str, new: str) -> str:
+    """SQL: may the incoming row ``new`` replace the stored row of ``table``?"""
+    return (f"({table}._topic = {new}._topic AND {table}._partition = {new}._partition) OR "
+            f"(COALESCE({new}._version, -1), {new}._ts, {new}._partition) > "
+            f"(COALESCE({table}._version, -1), {table}._ts, {table}._partition)")
+
+
+class SqliteReplica:
+    """A SQLite file kept in sync (WAL journal, synchronous=FULL: a commit is durable)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = f"sqlite://{path}"
+        self.restore_url = self.location
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        if not self.path.parent.is_dir():
+            raise TargetError(f"{self.location}: directory {self.path.parent} does not exist")
+
+    def _c(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._conn = conn
+        return self._conn
+
+    async def positions(self) -> dict[TP, Position] | None:
+        return await asyncio.to_thread(self._positions_sync)
+
+    def _positions_sync(self) -> dict[TP, Position] | None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return None
+        c = self._c()
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if POSITIONS_TABLE in tables:
+            rows = c.execute(f"SELECT topic, partition, next_offset, last_ts_ms, applied_ms "
+                             f"FROM {POSITIONS_TABLE}").fetchall()
+            if rows:
+                return {(t, int(p)): Position(int(n), int(ts), int(a)) for t, p, n, ts, a in rows}
+        if RESTORES_TABLE in tables:
+            row = c.execute(f"SELECT cut FROM {RESTORES_TABLE} ORDER BY finished_at DESC "
+                            "LIMIT 1").fetchone()
+            if row:
+                return _cut_positions(row[0])
+        return None
+
+    async def apply(self, layouts: Mapping[str, TableLayout], batch: Batch,
+                    positions: Mapping[TP, Position]) -> None:
+        await asyncio.to_thread(self._apply_sync, layouts, batch, positions)
+
+    def _apply_sync(self, layouts: Mapping[str, TableLayout], batch: Batch,
+                    positions: Mapping[TP, Position]) -> None:
+        c = self._c()
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            c.execute(f"CREATE TABLE IF NOT EXISTS {POSITIONS_TABLE} (topic TEXT NOT NULL, "
+                      "partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, "
+                      "last_ts_ms INTEGER NOT NULL, applied_ms INTEGER NOT NULL, "
+                      "PRIMARY KEY (topic, partition))")
+            for entity, changes in batch.items():
+                layout = layouts[entity]
+                t = _q(entity)
+                names = layout.column_names
+                cols = ", ".join(_q(n) for n in names)
+                sets = ", ".join(f"{_q(n)} = excluded.{_q(n)}" for n in names if n != "key")
+                ups = [rv for rv in changes.values() if rv is not None]
+                dels = [(k,) for k, rv in changes.items() if rv is None]
+                if ups:
+                    c.executemany(
+                        f"INSERT INTO {t} ({cols}) VALUES ({', '.join('?' * len(names))}) "
+                        f"ON CONFLICT(key) DO UPDATE SET {sets} WHERE "
+                        + _upsert_guard(t, "excluded"),
+                        sqlite_rows(layout, sorted(ups, key=lambda r: r[0].key)))
+                if dels:
+                    c.executemany(f"DELETE FROM {t} WHERE key = ?", dels)
+            c.executemany(
+                f"INSERT INTO {POSITIONS_TABLE} VALUES (?, ?, ?, ?, ?) ON CONFLICT(topic, "
+                "partition) DO UPDATE SET next_offset = excluded.next_offset, "
+                "last_ts_ms = excluded.last_ts_ms, applied_ms = excluded.applied_ms",
+                [(t, p, pos.next_offset, pos.last_ts_ms, pos.applied_ms)
+                 for (t, p), pos in positions.items()])
+            c.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise TargetError(f"{self.location}: applying changes failed: {exc}") from None
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class PostgresReplica:
+    """A PostgreSQL schema kept in sync (default schema ``replica``)."""
+
+    def __init__(self, url: str, *, default_schema: str = "replica") -> None:
+        self._dsn, schema, shown = split_url(url)
+        self.schema = check_schema_name(schema or default_schema)
+        self.location = f"{shown} (schema {self.schema})"
+        base = url.split("?", 1)[0]
+        self.restore_url = f"{base}?schema={self.schema}"
+        self._conn: asyncpg.Connection | None = None
+        self._staged: set[str] = set()
+
+    async def open(self) -> None:
+        try:
+            self._conn = await asyncpg.connect(self._dsn, timeout=10)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise TargetError(f"cannot connect to {self.location}: "
+                              f"{exc or type(exc).__name__}") from None
+        self._staged = set()
+
+    def _c(self) -> asyncpg.Connection:
+        if self._conn is None:
+            raise TargetError(f"{self.location}: not open")
+        return self._conn
+
+    async def positions(self) -> dict[TP, Position] | None:
+        c = self._c()
+        s = self.schema
+        tables = {r[0] for r in await c.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1", s)}
+        if POSITIONS_TABLE in tables:
+            rows = await c.fetch(f"SELECT topic, partition, next_offset, last_ts_ms, applied_ms "
+                                 f"FROM {_q(s)}.{POSITIONS_TABLE}")
+            if rows:
+                return {(r[0], int(r[1])): Position(int(r[2]), int(r[3]), int(r[4]))
+                        for r in rows}
+        if RESTORES_TABLE in tables:
+            cut = await c.fetchval(f"SELECT cut FROM {_q(s)}.{RESTORES_TABLE} "
+                                   "ORDER BY finished_at DESC LIMIT 1")
+            if cut is not None:
+                return _cut_positions(cut)
+        return None
+
+    async def apply(self, layouts: Mapping[str, TableLayout], batch: Batch,
+                    positions: Mapping[TP, Position]) -> None:
+        c = self._c()
+        s = _q(self.schema)
+        try:
+            async with c.transaction():
+                await c.execute(
+                    f"CREATE TABLE IF NOT EXISTS {s}.{POSITIONS_TABLE} (topic text NOT NULL, "
+                    "partition bigint NOT NULL, next_offset bigint NOT NULL, "
+                    "last_ts_ms bigint NOT NULL, applied_ms bigint NOT NULL, "
+                    "PRIMARY KEY (topic, partition))")
+                for entity, changes in batch.items():
+                    await self._apply_entity(c, layouts[entity], changes)
+                await c.executemany(
+                    f"INSERT INTO {s}.{POSITIONS_TABLE} VALUES ($1, $2, $3, $4, $5) "
+                    "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = "
+                    "EXCLUDED.next_offset, last_ts_ms = EXCLUDED.last_ts_ms, "
+                    "applied_ms = EXCLUDED.applied_ms",
+                    [(t, p, pos.next_offset, pos.last_ts_ms, pos.applied_ms)
+                     for (t, p), pos in positions.items()])
+        except asyncpg.PostgresError as exc:
+            raise TargetError(f"{self.location}: applying changes failed: {exc}") from None
+
+    async def _apply_entity(self, c: asyncpg.Connection, layout: TableLayout,
+                            changes: Mapping[str, RowIn | None]) -> None:
+        s, t = _q(self.schema), _q(layout.entity)
+        table = f"{s}.{t}"
+        stage = _q(f"_in_{layout.entity}")
+        ups: Sequence[RowIn] = sorted((rv for rv in changes.values() if rv is not None),
+                                      key=lambda r: r[0].key)
+        dels = [k for k, rv in changes.items() if rv is None]
+        if ups:
+            if layout.entity not in self._staged:
+                await c.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
+                                f"(LIKE {table}) ON COMMIT DELETE ROWS")
+                self._staged.add(layout.entity)
+            names = layout.column_names
+            await c.copy_records_to_table(f"_in_{layout.entity}", columns=names,
+                                          records=pg_rows(layout, ups))
+            cols = ", ".join(_q(n) for n in names)
+            sets = ", ".join(f"{_q(n)} = EXCLUDED.{_q(n)}" for n in names if n != "key")
+            await c.execute(
+                f"INSERT INTO {table} AS cur ({cols}) SELECT {cols} FROM {stage} "
+                f"ON CONFLICT (key) DO UPDATE SET {sets} WHERE "
+                + _upsert_guard("cur", "EXCLUDED"))
+        if dels:
+            await c.execute(f"DELETE FROM {table} WHERE key = ANY($1::text[])", dels)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+
+def open_replica(url: str) -> Replica:
+    """A replica for ``postgresql://...[?schema=]`` or ``sqlite:///abs/path.db``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresReplica(url)
+    if url.startswith("sqlite://"):
+        raw = url[len("sqlite://"):]
+        if not raw.startswith("/"):
+            raise TargetError(f"replica {url!r}: the path must be absolute (sqlite:///abs/path)")
+        return SqliteReplica(Path(raw))
+    raise TargetError(f"unsupported replica target {url!r}: use postgresql:// or sqlite:///")
