@@ -175,11 +175,18 @@ class Fanout:
 
     def stored(self, name: str) -> None:
         """The primary store now holds ``name``: queue it for every destination."""
+        mutable = is_mutable(name)
         for d in self.destinations:
-            if name not in d.known:
-                d.queue.append(name)
-                d.backlog_objects += 0 if is_mutable(name) else 1
-                d.wake.set()
+            if name in d.known or (not mutable and name in d.queue):
+                continue  # on the destination, or queued by a reconcile meanwhile
+            if mutable:
+                # one pending copy per mutable object, behind everything stored before its
+                # latest put (index 0 may be the copy in flight: left alone)
+                with contextlib.suppress(ValueError):
+                    del d.queue[d.queue.index(name, 1)]
+            d.queue.append(name)
+            d.backlog_objects += 0 if mutable else 1
+            d.wake.set()
 
     def acked_end(self, tp: TP, durable: int) -> int:
         """How far the Kafka commit may go for ``tp``: ``durable`` capped by what every
@@ -201,9 +208,17 @@ class Fanout:
         dst = await d.store.list()
         plan = plan_mirror(src, dst)
         d.known = {o.name for o in dst if not is_mutable(o.name)}
-        queued = set(d.queue)
-        d.queue.extend(c.name for c in plan.copies if c.name not in queued)
-        d.backlog_objects = len(plan.missing)
+        # the whole queue in the planner's order (names stored before this reconcile may be
+        # queued already, ahead of an older backlog), then what was stored after the listing,
+        # mutable objects last: data arrives before what claims it
+        planned = [c.name for c in plan.copies]
+        in_plan = set(planned)
+        later = [n for n in dict.fromkeys(d.queue) if n not in in_plan]
+        later_data = [n for n in later if not is_mutable(n) and n not in d.known]
+        d.queue = collections.deque(
+            [n for n in planned if not is_mutable(n)] + later_data
+            + [n for n in planned if is_mutable(n)] + [n for n in later if is_mutable(n)])
+        d.backlog_objects = len(plan.missing) + len(later_data)
         d.backlog_bytes = plan.missing_bytes
         for name, a, b in plan.conflicts:
             log.error("object differs between primary and destination; not overwritten",
@@ -240,6 +255,7 @@ class Fanout:
                 if not d.reconciled or stale:
                     await self._reconcile(d)
                     last_reconcile = time.monotonic()
+                d.wake.clear()  # before draining: a name stored from now on wakes us again
                 copied_any = False
                 while d.queue:
                     name = d.queue[0]
@@ -263,7 +279,6 @@ class Fanout:
                     await self._refresh_newest(d)
                 d.up, d.last_ok_ms, delay = True, int(time.time() * 1000), 0.5
                 self._export(d)
-                d.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(d.wake.wait(), timeout=self.reconcile_interval_s)
             except asyncio.CancelledError:

@@ -231,6 +231,9 @@ async def test_a_destination_down_at_start_catches_up_in_plan_order(tmp_path: Pa
         await store.put_file(seg(25, 40), sealed_segment(work, 25, 40))
         await store.put_bytes(WM, watermark(40, T0 + 45_000), create_only=False)
         await store.put_bytes(WM, watermark(40, T0 + 46_000), create_only=False)
+        # one pending copy per mutable object however often it is rewritten meanwhile
+        assert list(d.queue) == [seg(25, 40), WM]
+        assert d.backlog_objects == 1  # what is known before the destination answers a listing
         assert fan.acked_end(TP, 40) == -1
         assert fan.status()[0]["up"] is False
 

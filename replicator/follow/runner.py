@@ -310,13 +310,16 @@ class Follower:
 
     async def run(self) -> None:
         """Bootstrap if needed, then follow until :meth:`request_stop`."""
+        waited = 0
         while not self._stop.is_set():
             positions = await self.replica.positions()
             if positions is None:
                 try:
                     positions = await self.bootstrap()
                 except FellBehindError as exc:
-                    log.warning("cannot bootstrap yet: %s", exc)
+                    waited += 1
+                    (log.warning if waited == 1 else log.debug)(
+                        "cannot bootstrap yet (waiting for the first sealed segments): %s", exc)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), self.poll_s)
                     continue
