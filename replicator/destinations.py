@@ -104,6 +104,7 @@ class Destination:
     last_error: str | None = None
     last_ok_ms: int | None = None
     reconciled: bool = False
+    swept: bool = False
     up: bool = False
 
     def status(self, now_ms: int, primary: Coverage | None) -> dict[str, Any]:
@@ -204,6 +205,12 @@ class Fanout:
     # -- the worker ------------------------------------------------------------------------
 
     async def _reconcile(self, d: Destination) -> None:
+        if not d.swept:
+            n = await d.store.sweep(older_than_s=600)  # interrupted uploads of a past run
+            d.swept = True
+            if n:
+                log.info("removed leftovers of interrupted puts",
+                         extra={"destination": d.name, "count": n})
         src = await self.primary.list()
         dst = await d.store.list()
         plan = plan_mirror(src, dst)
