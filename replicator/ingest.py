@@ -274,6 +274,8 @@ class Ingestor:
                     await self._commit(consumer, force=True, logs=None)
                 with contextlib.suppress(Exception):
                     await consumer.stop()
+            with contextlib.suppress(Exception):
+                await self.primary.close()
 
     # -- rebalance -------------------------------------------------------------------------
 
