@@ -37,7 +37,7 @@ import orjson
 
 from replicator import naming
 from replicator.catalog import SegmentEntry, remote_entry
-from replicator.errors import ReplicatorError
+from replicator.errors import ReplicatorError, SegmentError
 from replicator.metrics import Metrics
 from replicator.restore.planner import WatermarkInfo, segment_chains, window_of
 from replicator.storage.base import ObjectInfo, Store
@@ -68,7 +68,12 @@ async def coverage(store: Store, objs: list[ObjectInfo] | None = None) -> Covera
     wms: list[WatermarkInfo] = []
     for o in objs:
         if naming.is_segment_name(o.name):
-            segs.append(await remote_entry(store, o))
+            try:
+                segs.append(await remote_entry(store, o))
+            except SegmentError as exc:
+                # left out of the chain (the coverage ends before it); `verify` names it
+                log.error("unreadable segment left out of the coverage",
+                          extra={"store": store.url, "segment": o.name, "error": str(exc)})
         elif o.name.startswith(naming.WATERMARKS_ROOT + "/") and o.name.endswith(".json"):
             with contextlib.suppress(ReplicatorError, ValueError, KeyError, TypeError):
                 d = orjson.loads(await store.get_bytes(o.name))

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Any
 from replicator import naming
 from replicator.errors import ObjectExistsError, ObjectNotFoundError, StoreError
 from replicator.storage.base import ObjectInfo, Store
+from replicator.storage.local import LocalStore
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,11 @@ async def copy_object(source: Store, dest: Store, name: str, *, mutable: bool,
         return len(data)
     tmp = scratch / ("mirror-" + os.urandom(6).hex())
     path = await source.fetch_to(name, tmp)
+    if path != tmp and isinstance(dest, LocalStore):
+        # read in place from a local source: copy the bytes, or the local destination would
+        # hard-link the same inode and share every later fault with the source
+        await asyncio.to_thread(shutil.copyfile, path, tmp)
+        path = tmp
     try:
         size = path.stat().st_size
         try:
