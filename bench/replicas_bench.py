@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -97,6 +98,37 @@ def _machine_ticks() -> tuple[int, int]:
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
     total = sum(vals[:8])  # guest time is already counted in user
     return total - idle, total
+
+
+def _all_proc_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + sys) of every process on the machine, with a short name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            head, rest = (d / "stat").read_text().rsplit(")", 1)
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        f = rest.split()
+        out[int(d.name)] = (cmd.strip()[:120] or head.split("(", 1)[1],
+                            (int(f[11]) + int(f[12])) / tick)
+    return out
+
+
+def _top_cpu(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+             n: int = 8) -> list[dict[str, Any]]:
+    """The processes that used the most CPU between two ``_all_proc_cpu`` samples (processes
+    that started in between count from 0; those that ended are missing)."""
+    rows: list[dict[str, Any]] = []
+    for pid, (cmd, cpu) in after.items():
+        d = cpu - before.get(pid, (cmd, 0.0))[1]
+        if d > 0.05:
+            rows.append({"pid": pid, "cpu_s": round(d, 2), "cmd": cmd})
+    rows.sort(key=lambda r: -r["cpu_s"])
+    return rows[:n]
 
 
 def _self_cpu_s() -> float:
@@ -306,7 +338,7 @@ async def _follower_main(args: argparse.Namespace) -> dict[str, Any]:
             tmp = status.with_suffix(".tmp")
             tmp.write_text(json.dumps(doc))
             os.replace(tmp, status)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
 
     started = time.time()
     async with f:
@@ -497,6 +529,7 @@ async def follow_step(bootstrap: str, workdir: Path, *, rate: float, seconds: fl
              str(store_root), "--db", str(d / "standby.db"), "--live", live,
              "--status", str(status), "--out", str(out_path)],
             stdout=fol_log, stderr=fol_log, stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT)
+        follower_pid = follower.pid
 
         def bootstrapped() -> bool:
             s = _read_json(status)
@@ -507,15 +540,23 @@ async def follow_step(bootstrap: str, workdir: Path, *, rate: float, seconds: fl
         log(f"replicas: follower bootstrapped; publishing {rate:,.0f} events/s for "
             f"{seconds:.0f}s (bench.rpo publisher)")
         wall_minus_mono = time.time() - time.monotonic()
-        svc_cpu0 = _proc_cpu_s(service.pid)
-        busy0, total0 = _machine_ticks()
-        load0 = os.getloadavg()
-        pub, _topic_of, acks = await _publish_process(
-            bootstrap, d, {e: e for e in ENTITIES}, rate=rate, seconds=seconds,
-            events_n=events_n, seed=seed, tag="replicas")
-        svc_cpu1 = _proc_cpu_s(service.pid)
-        busy1, total1 = _machine_ticks()
-        load1 = os.getloadavg()
+        # CPU of every process, every 0.5 s: the steady phase's window is known afterwards
+        cpu_samples: list[tuple[float, tuple[int, int], dict[int, tuple[str, float]]]] = []
+
+        async def sample_cpu() -> None:
+            while True:
+                cpu_samples.append((time.time(), _machine_ticks(), _all_proc_cpu()))
+                await asyncio.sleep(0.5)
+
+        sampler = asyncio.create_task(sample_cpu())
+        try:
+            pub, _topic_of, acks = await _publish_process(
+                bootstrap, d, {e: e for e in ENTITIES}, rate=rate, seconds=seconds,
+                events_n=events_n, seed=seed, tag="replicas")
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         if not acks:
             raise RuntimeError("the publisher got no acks")
         steady_start = min(a[4] for a in acks) + wall_minus_mono
@@ -556,25 +597,43 @@ async def follow_step(bootstrap: str, workdir: Path, *, rate: float, seconds: fl
     until_ms = t_caught * 1000
     lag = sorted(ms for done, ms in fo["samples"] if from_ms <= done - ms <= until_ms)
     all_lag = sorted(ms for _, ms in fo["samples"])
-    # applied events and follower CPU over [steady start + SKIP_S, last ack]
+    # p50 lag per 5 s of the steady phase (by durable time): growing = falling behind
+    buckets: dict[int, list[float]] = {}
+    for done, ms in fo["samples"]:
+        k = int(((done - ms) / 1000 - steady_start) // 5)
+        if k >= 0:
+            buckets.setdefault(k, []).append(ms)
+    by_5s = {f"{k * 5}-{k * 5 + 5}s": _percentile(sorted(v), 50)
+             for k, v in sorted(buckets.items())}
+    # per follower batch: (wall s, applied events so far, follower process CPU s)
     tl = [(float(t), int(n), float(c)) for t, n, c in fo["timeline"]]
-    win = [x for x in tl if steady_start + SKIP_S <= x[0] <= last_ack]
-    applied_eps = cpu_us = None
-    if len(win) >= 2:
-        span = win[-1][0] - win[0][0]
-        applied = win[-1][1] - win[0][1]
-        applied_eps = round(applied / span) if span > 0 else None
-        cpu_us = round((win[-1][2] - win[0][2]) / applied * 1e6, 1) if applied else None
-    steady_fol = [x for x in tl if steady_start <= x[0] <= last_ack]
-    pub_wall = last_ack - steady_start
-    fol_cpu = (steady_fol[-1][2] - steady_fol[0][2]) if len(steady_fol) >= 2 else None
-    ncpu = os.cpu_count() or 1
+    before = [x for x in tl if x[0] <= steady_start]
+    steady = [x for x in tl if steady_start < x[0] <= t_caught]
+    if not before and steady:  # no batch before the steady phase: count from its first one
+        before, steady = steady[:1], steady[1:]
+    applied0, cpu0 = (before[-1][1], before[-1][2]) if before else (0, 0.0)
+    applied = (steady[-1][1] - applied0) if steady else 0
+    applied_eps = round(applied / (t_caught - steady_start)) if applied else None
+    fol_cpu = (steady[-1][2] - cpu0) if steady else None
+    cpu_us = round(fol_cpu / applied * 1e6, 1) if applied and fol_cpu is not None else None
+    sizes = sorted(b[1] - a[1] for a, b in itertools.pairwise([(0.0, applied0, 0.0), *steady]))
+    gaps = sorted(b[0] - a[0] for a, b in itertools.pairwise(steady))
+    c0 = next((x for x in reversed(cpu_samples) if x[0] <= steady_start), cpu_samples[0])
+    c1 = next((x for x in cpu_samples if x[0] >= last_ack), cpu_samples[-1])
+    (busy0, total0), (busy1, total1) = c0[1], c1[1]
+
+    def cpu_of(pid: int) -> float | None:
+        if pid not in c0[2] or pid not in c1[2]:
+            return None
+        return round(c1[2][pid][1] - c0[2][pid][1], 2)
+
     return {
         "follow_lag_p50_ms": _percentile(lag, 50),
         "follow_lag_p90_ms": _percentile(lag, 90),
         "follow_lag_p99_ms": _percentile(lag, 99),
         "follow_lag_max_ms": round(lag[-1], 1) if lag else None,
         "follow_lag_mean_ms": round(sum(lag) / len(lag), 1) if lag else None,
+        "follow_lag_p50_ms_by_5s": by_5s,
         "samples": len(lag),
         "samples_total": len(all_lag),
         "samples_skip_s": SKIP_S,
@@ -582,6 +641,11 @@ async def follow_step(bootstrap: str, workdir: Path, *, rate: float, seconds: fl
         "follow_applied_eps": applied_eps,
         "follower_cpu_us_per_event": cpu_us,
         "follower_batches": fo["batches"],
+        "follower_batches_steady": len(steady),
+        "follower_batch_events_p50": int(statistics.median(sizes)) if sizes else None,
+        "follower_batch_events_max": sizes[-1] if sizes else None,
+        "follower_batch_interval_p50_s": round(statistics.median(gaps), 3) if gaps else None,
+        "follower_batch_interval_max_s": round(gaps[-1], 3) if gaps else None,
         "follower_bootstraps": fo["bootstraps"],
         "catch_up_s": round(t_caught - last_ack, 2),
         "rate_target": rate,
@@ -594,14 +658,14 @@ async def follow_step(bootstrap: str, workdir: Path, *, rate: float, seconds: fl
         "warmup_events": warmup,
         "topics_preexisting": pre_existing,
         "cpu_steady": {
-            "seconds": round(pub_wall, 2),
-            "service_cpu_s": (round(svc_cpu1 - svc_cpu0, 2)
-                              if svc_cpu0 is not None and svc_cpu1 is not None else None),
-            "follower_cpu_s": round(fol_cpu, 2) if fol_cpu is not None else None,
+            "window": "first ack -> last ack, to the nearest 0.5 s sample",
+            "seconds": round(c1[0] - c0[0], 2),
+            "service_cpu_s": cpu_of(service.pid),
+            "follower_cpu_s": cpu_of(follower_pid),
             "machine_busy_fraction": round((busy1 - busy0) / max(1, total1 - total0), 3),
-            "cpus": ncpu,
-            "loadavg_before": [round(x, 2) for x in load0],
-            "loadavg_after": [round(x, 2) for x in load1],
+            "cpus": os.cpu_count(),
+            "top_processes": _top_cpu(c0[2], c1[2]),
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },
         "method": "lag = follower commit (wall ms) - block durable in the service (wall ms, "
                   "after its fsync), per live-tail block; samples of blocks durable >= "

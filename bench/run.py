@@ -5,6 +5,7 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.run [--events 1000000] [--rounds 3] [--rpo-rate 20000]
                                   [--rpo-seconds 25] [--sections ingest,rpo] [--quick]
                                   [--compaction-keys 1000000] [--compaction-events 5000000]
+                                  [--replicas-rate 10000] [--replicas-seconds 22]
 
 The Kafka broker is ``--bootstrap`` / ``$KAFKA_BOOTSTRAP_SERVERS`` when given, else a local
 single-node KRaft broker started (and stopped) by ``tests/kafka_service.py`` in a temporary
@@ -23,6 +24,10 @@ Sections (see the modules for the exact method):
   separate process.
 * ``compaction`` (bench/compaction_bench.py): a full snapshot from segments vs just reading
   them, its peak RSS, and restore time from a snapshot at 1x/3x/10x history (no Kafka).
+* ``replicas`` (bench/replicas_bench.py): ``S3Store.put_file`` vs a bare multipart upload with
+  the same client on a local versitygw (``s3_upload_ratio``), and follow-mode lag (block
+  durable in a ``replicator run`` child -> committed by a follower process into SQLite) at a
+  steady 10k events/s.
 
 Every measured phase runs in a fresh process (a consumer's GC cost depends on what else is
 on its heap). Takes ~2.5 min with cached events; the first run also generates the events
@@ -186,6 +191,25 @@ def compaction_subprocess(workdir: Path, args: argparse.Namespace) -> dict[str, 
     return result
 
 
+def replicas_subprocess(bootstrap: str, workdir: Path, args: argparse.Namespace
+                        ) -> dict[str, Any]:
+    """The replicas section (its own process; it starts versitygw, the service, a follower
+    and the rpo publisher as further processes)."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.replicas_bench", "section", "--workdir",
+         str(workdir / "replicas"), "--bootstrap", bootstrap, "--rate", str(args.replicas_rate),
+         "--seconds", str(args.replicas_seconds), "--events", str(args.pool),
+         "--seed", str(args.seed), "--rounds", str(args.rounds),
+         "--files", str(args.s3_files)],
+        cwd=root, stdout=subprocess.PIPE, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.replicas_bench exited {proc.returncode}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def _table(results: dict[str, Any]) -> None:
     rows: list[tuple[str, str, str]] = []
     ing = results["sections"].get("ingest")
@@ -269,6 +293,34 @@ def _table(results: dict[str, Any]) -> None:
             ("rpo", "durable_before_ack", f"{rpo['durable_before_ack']:,}"),
             ("rpo", "bytes_per_event", f"{rpo['bytes_per_event']}"),
         ]
+    rep = results["sections"].get("replicas")
+    if rep:
+        cpu = rep.get("cpu_steady", {})
+        rows += [
+            ("replicas", "s3_upload_mb_per_s", f"{rep['s3_upload_mb_per_s']} MiB/s (median "
+                                               f"{rep['s3_upload_mb_per_s_median']}; "
+                                               f"{rep['s3_files']} x {rep['s3_file_mib']} MiB)"),
+            ("replicas", "bare_upload_mb_per_s", f"{rep['bare_upload_mb_per_s']} MiB/s (median "
+                                                 f"{rep['bare_upload_mb_per_s_median']}; same "
+                                                 "client, no MD5/SHA-256)"),
+            ("replicas", "s3_upload_ratio", f"{rep['s3_upload_ratio']:.3f} (median "
+                                            f"{rep['s3_upload_ratio_median']:.3f}; goal >= 0.8)"),
+            ("replicas", "rate", f"{rep['rate_achieved']:,}/s for {rep['publish_seconds']}s "
+                                 f"({rep['events']:,} events)"),
+            ("replicas", "follow_lag_p50_ms", f"{rep['follow_lag_p50_ms']}"),
+            ("replicas", "follow_lag_p99_ms", f"{rep['follow_lag_p99_ms']} (max "
+                                              f"{rep['follow_lag_max_ms']}, {rep['samples']:,} "
+                                              "samples; goal <= 1000)"),
+            ("replicas", "follow_applied_eps", f"{rep['follow_applied_eps']} ("
+                                               f"{rep['applied_events']:,} applied, caught up "
+                                               f"{rep['catch_up_s']}s after the last ack)"),
+            ("replicas", "follower cpu", f"{rep['follower_cpu_us_per_event']} µs/event; batches "
+                                         f"p50 {rep['follower_batch_events_p50']} events"),
+            ("replicas", "cpu in steady phase",
+             f"machine {cpu.get('machine_busy_fraction')} busy, service "
+             f"{cpu.get('service_cpu_s')}s, follower {cpu.get('follower_cpu_s')}s "
+             f"of {cpu.get('seconds')}s"),
+        ]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -309,7 +361,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         if "compaction" in sections:
             log("compaction: section start (bench/compaction_bench.py)")
             results["sections"]["compaction"] = compaction_subprocess(workdir, args)
-        if not {"ingest", "rpo"} & set(sections):
+        if not {"ingest", "rpo", "replicas"} & set(sections):
             return results
         bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
         local = not bootstrap
@@ -323,13 +375,17 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         results["kafka"] = {"bootstrap": bootstrap, "local_broker": local,
                             "version": kafka_version(local)}
         # the events are generated (or loaded from bench/.cache) once, here, for both sections
-        args.pool = max(args.events, int(args.rpo_rate * args.rpo_seconds))
+        args.pool = max(args.events, int(args.rpo_rate * args.rpo_seconds),
+                        int(args.replicas_rate * args.replicas_seconds))
         load_events(args.pool, seed=args.seed, log=log)
         if "ingest" in sections:
             results["sections"]["ingest"] = ingest_section(
                 bootstrap, workdir, args.events, args.seed, args.rounds)
         if "rpo" in sections:
             results["sections"]["rpo"] = rpo_subprocess(bootstrap, workdir, args)
+        if "replicas" in sections:
+            log("replicas: section start (bench/replicas_bench.py)")
+            results["sections"]["replicas"] = replicas_subprocess(bootstrap, workdir, args)
     finally:
         results["machine"]["loadavg_end"] = list(os.getloadavg())
         results["duration_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)
@@ -347,18 +403,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rpo-rate", type=float, default=20_000)
     p.add_argument("--rpo-seconds", type=float, default=25)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--sections", default="ingest,rpo,restore,compaction")
+    p.add_argument("--sections", default="ingest,rpo,restore,compaction,replicas")
     p.add_argument("--restore-keys", type=int, default=1_000_000)
     p.add_argument("--restore-events", type=int, default=5_000_000)
     p.add_argument("--compaction-keys", type=int, default=1_000_000)
     p.add_argument("--compaction-events", type=int, default=5_000_000)
+    p.add_argument("--replicas-rate", type=float, default=10_000)
+    p.add_argument("--replicas-seconds", type=float, default=22)
+    p.add_argument("--s3-files", type=int, default=4, help="replicas: files of 64 MiB")
     p.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "latest.json")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 200k events, 1 round, 8 s of RPO")
+                   help="smoke run: 200k events, 1 round, 8 s of RPO and of follow")
     args = p.parse_args(argv)
     if args.quick:
         args.events, args.rounds, args.rpo_seconds = 200_000, 1, 8
+        args.replicas_seconds, args.s3_files = 8, 2
         args.restore_keys, args.restore_events = 50_000, 250_000
         args.compaction_keys, args.compaction_events = 50_000, 250_000
     results = asyncio.run(amain(args))
