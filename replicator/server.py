@@ -2,20 +2,23 @@
 
 ``/metrics`` (Prometheus text), ``/healthz`` (the process is alive and its spool has not
 failed), ``/readyz`` (partitions assigned and consuming), ``/v1/destinations`` (the
-fan-out's state per destination) and ``/v1/tail/{topic}/{partition}?from=N&wait_ms=M``
-(live followers: the durable blocks holding offsets ``>= N``, long-polled up to ``M`` ms).
+fan-out's state per destination) and ``/v1/tail?p=<topic>:<partition>:<from>&...&wait_ms=M``
+(live followers: the durable blocks holding offsets ``>= from`` of every requested partition
+this instance owns, in one response, long-polled up to ``M`` ms when there are none).
 Binds to loopback by default.
 
-Tail response body: frames of ``<qI`` (wall-clock ms at which the block became durable,
-block length) followed by the block exactly as in a segment file (docs/FORMAT.md §3).
-Headers ``X-Replicator-Durable`` (durable end offset) and ``X-Replicator-Oldest`` (oldest
-offset the buffer holds; a follower needing older offsets reads sealed segments). 404: this
-instance does not own the partition.
+Tail response body: frames of ``<qiIH`` (wall-clock ms at which the block became durable,
+partition, block length, topic length), the topic (UTF-8), then the block exactly as in a
+segment file (docs/FORMAT.md §2.2). Header ``X-Replicator-Partitions``: JSON
+``{"topic:partition": [durable end, oldest buffered offset or null]}`` for the requested
+partitions owned here (absent: not owned); a follower needing offsets below the oldest
+buffered one reads sealed segments.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import struct
 import time
@@ -29,7 +32,7 @@ from replicator.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-TAIL_FRAME = struct.Struct("<qI")
+TAIL_FRAME = struct.Struct("<qiIH")
 #: what a tail source returns for one partition: (durable end, blocks, oldest buffered)
 TailFn = Callable[[str, int, int], "tuple[int, list[tuple[int, bytes]], int | None] | None"]
 
@@ -77,25 +80,33 @@ class HealthServer:
         if self._tail is None:
             raise web.HTTPNotFound(text="no live tail on this instance")
         try:
-            topic = request.match_info["topic"]
-            partition = int(request.match_info["partition"])
-            start = int(request.query.get("from", "0"))
+            wanted: list[tuple[str, int, int]] = []
+            for spec in request.query.getall("p", []):
+                topic, part_s, start_s = spec.rsplit(":", 2)
+                wanted.append((topic, int(part_s), int(start_s)))
             wait_ms = min(30_000, max(0, int(request.query.get("wait_ms", "0"))))
         except ValueError:
-            raise web.HTTPBadRequest(text="partition, from and wait_ms must be integers") from None
+            raise web.HTTPBadRequest(
+                text="p=<topic>:<partition>:<from offset> (repeatable) and wait_ms=<ms>") from None
         deadline = time.monotonic() + wait_ms / 1000
         while True:
-            got = self._tail(topic, partition, start)
-            if got is None:
-                raise web.HTTPNotFound(text=f"{topic}[{partition}] is not owned here")
-            durable, blocks, oldest = got
-            if blocks or time.monotonic() >= deadline:
+            frames: list[bytes] = []
+            state: dict[str, list[int | None]] = {}
+            for topic, part, start in wanted:
+                got = self._tail(topic, part, start)
+                if got is None:
+                    continue  # not owned here
+                durable, blocks, oldest = got
+                state[f"{topic}:{part}"] = [durable, oldest]
+                name = topic.encode()
+                frames.extend(TAIL_FRAME.pack(ms, part, len(b), len(name)) + name + b
+                              for ms, b in blocks)
+            if frames or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.005)
-        body = b"".join(TAIL_FRAME.pack(ms, len(b)) + b for ms, b in blocks)
-        return web.Response(body=body, content_type="application/octet-stream", headers={
-            "X-Replicator-Durable": str(durable),
-            "X-Replicator-Oldest": "" if oldest is None else str(oldest)})
+        return web.Response(body=b"".join(frames), content_type="application/octet-stream",
+                            headers={"X-Replicator-Partitions": json.dumps(
+                                state, separators=(",", ":"))})
 
     async def start(self) -> None:
         app = web.Application()
@@ -103,7 +114,7 @@ class HealthServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/v1/destinations", self._dests)
-        app.router.add_get("/v1/tail/{topic}/{partition}", self._tail_handler)
+        app.router.add_get("/v1/tail", self._tail_handler)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)

@@ -3,11 +3,13 @@
 1. **Bootstrap** (a replica with no positions): restore the newest state exactly up to the
    store's contiguous segment ends (an offsets restore: it starts from the cheapest
    snapshot chain and is verified by digest); the restore's cut becomes the positions.
-2. **Follow**: one reader per partition feeds a queue: sealed segments from the store
-   while they cover the partition's position, else the live tail of a running replicator
-   (``--live URL``: durable blocks over HTTP, see :mod:`replicator.server`), else it polls
-   the store. The applier folds what is queued into one batch (last change per key) and
-   writes it with the positions it reaches in one transaction (:mod:`.replica`).
+2. **Follow**: one reader feeds a queue: per partition, sealed segments from the store
+   while they cover its position; the partitions they do not cover come from the live tail
+   of a running replicator in one long-poll for all of them (``--live URL``: durable blocks
+   over HTTP, see :mod:`replicator.server`; paced to ``live_interval_s`` while data flows),
+   else it polls the store. The applier folds what is queued into one batch (last change
+   per key) and writes it with the positions it reaches in one transaction
+   (:mod:`.replica`).
 3. **Fell behind retention**: a position below the oldest offset the store still holds,
    and not servable live, means changes are gone: the follower says so and bootstraps
    again from the newest snapshot instead of applying a gap.
@@ -79,38 +81,46 @@ class FollowStats:
             del self.lag_ms[:100_000]
 
 
-def decode_blocks(body: bytes, start: int) -> tuple[list[Rec], list[int], int]:
-    """Records ``>= start`` of tail frames (checksums checked), their blocks' durable
-    times, and the end offset of the last block."""
-    recs: list[Rec] = []
-    times: list[int] = []
-    end = start
+def decode_frames(body: bytes, starts: dict[TP, int]) -> list[Chunk]:
+    """The tail response's frames as one chunk per partition: records ``>=`` the requested
+    start, contiguous (every block's CRC checked), with their blocks' durable times."""
+    out: dict[TP, Chunk] = {}
     pos = 0
+    view = memoryview(body)
+    hsize = fmt.BLOCK_HEADER.size
     while pos < len(body):
-        ms, n = TAIL_FRAME.unpack_from(body, pos)
+        ms, partition, n, tlen = TAIL_FRAME.unpack_from(body, pos)
         pos += TAIL_FRAME.size
-        blk = memoryview(body)[pos:pos + n]
+        topic = body[pos:pos + tlen].decode()
+        pos += tlen
+        blk = view[pos:pos + n]
         pos += n
-        meta, crc = fmt.decode_block_header(blk, 0)
-        payload = blk[fmt.BLOCK_HEADER.size:fmt.BLOCK_HEADER.size + meta.payload_len]
-        if fmt.block_crc(blk[:fmt.BLOCK_HEADER.size], payload) != crc:
-            raise SegmentError(f"live tail block [{meta.start}, {meta.end}) failed its checksum")
-        if meta.end <= end:
+        tp = (topic, partition)
+        if tp not in starts:
             continue
-        if meta.start > end:
-            break  # not contiguous (should not happen): re-ask from ``end``
+        ch = out.get(tp)
+        end = ch.end if ch is not None else starts[tp]
+        meta, crc = fmt.decode_block_header(blk, 0)
+        payload = blk[hsize:hsize + meta.payload_len]
+        if fmt.block_crc(blk[:hsize], payload) != crc:
+            raise SegmentError(f"live tail block {topic}[{partition}] [{meta.start}, "
+                               f"{meta.end}) failed its checksum")
+        if meta.end <= end or meta.start > end:
+            continue  # already have it / not contiguous: re-asked from ``end`` next time
         raw = fmt.decompress_payload(meta, payload, "live tail")
-        recs.extend((r.offset, r.timestamp, r.value) for r in fmt.iter_records(raw)
-                    if r.offset >= end)
-        times.append(ms)
-        end = meta.end
-    return recs, times, end
+        if ch is None:
+            ch = out[tp] = Chunk(tp, [], end)
+        ch.records.extend(fmt.iter_values(raw, end))
+        ch.durable_ms.append(ms)
+        ch.end = meta.end
+    return list(out.values())
 
 
 def read_segment(path: Path, name: str, start: int) -> list[Rec]:
     """Records ``>= start`` of a sealed segment file (every block's checksum checked)."""
     with SegmentReader(path, name=name, expect_sealed=True) as r:
-        return [(rec.offset, rec.timestamp, rec.value) for rec in r.iter_records(from_offset=start)]
+        return [v for _meta, raw in r.iter_block_payloads(from_offset=start)
+                for v in fmt.iter_values(raw, start)]
 
 
 class Follower:
@@ -119,7 +129,7 @@ class Follower:
     def __init__(
         self, *, store: Store, replica: Replica, registry: SchemaRegistry,
         topics: Sequence[str], live: Sequence[str] = (), poll_s: float = 1.0,
-        max_batch: int = 20_000, archive_url: str = "",
+        max_batch: int = 20_000, archive_url: str = "", live_interval_s: float = 0.05,
         on_batch: Callable[[Follower], None] | None = None,
     ) -> None:
         self.store = store
@@ -129,6 +139,7 @@ class Follower:
         self.live = [u.rstrip("/") for u in live]
         self.poll_s = poll_s
         self.max_batch = max_batch
+        self.live_interval_s = live_interval_s
         self.archive_url = archive_url
         self.on_batch = on_batch
         self.layouts = {e: TableLayout.from_schema(e, registry.json_schema(e))
@@ -226,57 +237,88 @@ class Follower:
                     tmp.unlink()
         return Chunk(tp, recs, seg.end)
 
-    async def _from_live(self, tp: TP, pos: int) -> tuple[Chunk | None, int | None]:
-        """(records, oldest buffered offset) from the first live endpoint owning ``tp``."""
+    async def _from_live(self, wanted: dict[TP, int], wait_ms: int
+                         ) -> tuple[list[Chunk], dict[TP, tuple[int, int | None]]]:
+        """One long-poll per live endpoint for every partition in ``wanted``: the chunks,
+        and per partition served (durable end, oldest buffered offset)."""
         import aiohttp
 
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40))
+        chunks: list[Chunk] = []
+        state: dict[TP, tuple[int, int | None]] = {}
+        params = [("p", f"{t}:{p}:{pos}") for (t, p), pos in sorted(wanted.items())]
+        params.append(("wait_ms", str(wait_ms)))
         for base in self.live:
-            url = f"{base}/v1/tail/{tp[0]}/{tp[1]}"
+            url = f"{base}/v1/tail"
             try:
-                async with self._http.get(url, params={"from": str(pos), "wait_ms": "500"}) as r:
-                    if r.status == 404:
-                        continue
+                async with self._http.get(url, params=params) as r:
                     if r.status != 200:
                         raise StoreError(f"live tail {url}: HTTP {r.status}")
                     body = await r.read()
-                    oldest_h = r.headers.get("X-Replicator-Oldest", "")
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                    served = orjson.loads(r.headers.get("X-Replicator-Partitions", "{}"))
+            except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
                 log.debug("live tail unavailable", extra={"url": url, "error": str(exc)})
                 continue
-            oldest = int(oldest_h) if oldest_h else None
-            recs, times, end = await asyncio.to_thread(decode_blocks, body, pos)
-            if end > pos:
-                return Chunk(tp, recs, end, times), oldest
-            return None, oldest
-        return None, None
+            for k, (durable, oldest) in served.items():
+                t, _, p = k.rpartition(":")
+                state[(t, int(p))] = (int(durable), None if oldest is None else int(oldest))
+            if body:
+                chunks.extend(await asyncio.to_thread(decode_frames, body, wanted))
+        return chunks, state
 
-    async def _reader(self, tp: TP, queue: asyncio.Queue[Chunk | BaseException]) -> None:
-        pos = self.positions[tp].next_offset
+    async def _pump(self, queue: asyncio.Queue[Chunk | BaseException]) -> None:
+        """Read every partition from its position on: sealed segments while the store covers
+        it, then the live tail (one request for all partitions), else poll the store."""
+        read = {tp: p.next_offset for tp, p in self.positions.items()}
+        last_live = 0.0
         try:
             while not self._stop.is_set():
-                chunk = await self._from_store(tp, pos)
-                if chunk is None and self.live:
-                    chunk, oldest = await self._from_live(tp, pos)
-                    if chunk is None and oldest is not None and pos < oldest:
-                        await asyncio.sleep(min(self.poll_s, 0.2))  # wait for the seal
+                await self._add_new_partitions(read)
+                progressed = False
+                waiting: dict[TP, int] = {}
+                for tp, pos in list(read.items()):
+                    chunk = await self._from_store(tp, pos)
+                    if chunk is None:
+                        waiting[tp] = pos
                         continue
-                if chunk is None:
-                    if not self.live:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._stop.wait(), self.poll_s)
+                    await self._put(queue, chunk)
+                    read[tp] = chunk.end
+                    progressed = True
+                if not waiting or progressed:
                     continue
-                for i in range(0, max(1, len(chunk.records)), self.max_batch):
-                    part = chunk.records[i:i + self.max_batch]
-                    last = i + self.max_batch >= len(chunk.records)
-                    end = chunk.end if last else part[-1][0] + 1
-                    await queue.put(Chunk(tp, part, end, chunk.durable_ms if last else []))
-                pos = chunk.end
+                if not self.live:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), self.poll_s)
+                    continue
+                # pace requests while data flows (more blocks per request, far fewer
+                # requests); block up to half a second when nothing is new
+                pause = self.live_interval_s - (time.monotonic() - last_live)
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                last_live = time.monotonic()
+                chunks, state = await self._from_live(waiting, 500)
+                for ch in chunks:
+                    await self._put(queue, ch)
+                    read[ch.tp] = ch.end
+                if not chunks and any(old is not None and waiting[tp] < old
+                                      for tp, (_d, old) in state.items() if tp in waiting):
+                    await asyncio.sleep(min(self.poll_s, 0.2))  # the gap is being sealed
+                elif not chunks and not state:
+                    with contextlib.suppress(TimeoutError):  # no endpoint answers
+                        await asyncio.wait_for(self._stop.wait(), self.poll_s)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             await queue.put(exc)
+
+    async def _put(self, queue: asyncio.Queue[Chunk | BaseException], chunk: Chunk) -> None:
+        recs = chunk.records
+        for i in range(0, max(1, len(recs)), self.max_batch):
+            part = recs[i:i + self.max_batch]
+            last = i + self.max_batch >= len(recs)
+            end = chunk.end if last else part[-1][0] + 1
+            await queue.put(Chunk(chunk.tp, part, end, chunk.durable_ms if last else []))
 
     # -- applying --------------------------------------------------------------------------
 
@@ -351,13 +393,10 @@ class Follower:
 
     async def _follow(self) -> None:
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue(maxsize=64)
-        readers: dict[TP, asyncio.Task[None]] = {
-            tp: asyncio.create_task(self._reader(tp, queue), name=f"follow-{tp[0]}-{tp[1]}")
-            for tp in self.positions}
+        pump = asyncio.create_task(self._pump(queue), name="follow-pump")
         stop_wait = asyncio.create_task(self._stop.wait())
         try:
             while not self._stop.is_set():
-                await self._add_new_partitions(readers, queue)
                 get = asyncio.create_task(queue.get())
                 done, _ = await asyncio.wait({get, stop_wait}, timeout=self.poll_s,
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -367,8 +406,10 @@ class Follower:
                 items = [get.result()]
                 count = 0
                 while not queue.empty() and count < self.max_batch:
-                    items.append(queue.get_nowait())
-                    count += sum(len(i.records) for i in items[-1:] if isinstance(i, Chunk))
+                    item = queue.get_nowait()
+                    items.append(item)
+                    if isinstance(item, Chunk):
+                        count += len(item.records)
                 errors = [i for i in items if isinstance(i, BaseException)]
                 if errors:
                     raise errors[0]
@@ -385,25 +426,21 @@ class Follower:
                     self.on_batch(self)
         finally:
             stop_wait.cancel()
-            for t in readers.values():
-                t.cancel()
-            for t in readers.values():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
 
-    async def _add_new_partitions(self, readers: dict[TP, asyncio.Task[None]],
-                                  queue: asyncio.Queue[Chunk | BaseException]) -> None:
+    async def _add_new_partitions(self, read: dict[TP, int]) -> None:
         """A partition that appeared in the store after the bootstrap starts at its first
         stored offset."""
         if time.monotonic() - self._listing_mono < self.poll_s:
             return
         await self._segments(("", 0), refresh=True)
         for tp, segs in self._listing.items():
-            if tp in readers or tp[0] not in self.topic_entities or not segs:
+            if tp in read or tp[0] not in self.topic_entities or not segs:
                 continue
             self.positions[tp] = Position(segs[0].start)
-            readers[tp] = asyncio.create_task(self._reader(tp, queue),
-                                              name=f"follow-{tp[0]}-{tp[1]}")
+            read[tp] = segs[0].start
 
 
 async def follower_status(store: Store, replica: Replica, topics: Sequence[str]

@@ -260,6 +260,45 @@ def iter_records(raw: bytes) -> Iterator[Record]:
         yield Record(offset, ts, ts_type, key, value, tuple(headers))
 
 
+def iter_values(raw: bytes, start: int = 0) -> Iterator[tuple[int, int, bytes | None]]:
+    """``(offset, timestamp, value)`` of the records of an uncompressed block payload with
+    ``offset >= start``: the framing is walked without decoding keys or headers (a run of
+    records with the same headers, the usual case, is skipped by comparing bytes)."""
+    unpack = RECORD_HEADER.unpack_from
+    rsize = RECORD_HEADER.size
+    name_unpack = HEADER_NAME.unpack_from
+    nsize = HEADER_NAME.size
+    hval_unpack = HEADER_VALUE.unpack_from
+    hsize = HEADER_VALUE.size
+    last_hdr = b""
+    last_hcount = -1
+    pos = 0
+    n = len(raw)
+    while pos < n:
+        off, ts, _tt, klen, vlen, hcount = unpack(raw, pos)
+        pos += rsize
+        if klen > 0:
+            pos += klen
+        value: bytes | None = None
+        if vlen >= 0:
+            value = raw[pos : pos + vlen]
+            pos += vlen
+        if hcount:
+            hl = len(last_hdr)
+            if hcount == last_hcount and raw[pos : pos + hl] == last_hdr:
+                pos += hl
+            else:
+                h0 = pos
+                for _ in range(hcount):
+                    pos += nsize + name_unpack(raw, pos)[0]
+                    (vl,) = hval_unpack(raw, pos)
+                    pos += hsize + (vl if vl > 0 else 0)
+                last_hdr = raw[h0:pos]
+                last_hcount = hcount
+        if off >= start:
+            yield off, ts, value
+
+
 def _decode_header(raw: bytes, pos: int) -> tuple[tuple[str, bytes | None], int]:
     """One header at ``pos``: ``((name, value), position after it)``."""
     (nlen,) = HEADER_NAME.unpack_from(raw, pos)
