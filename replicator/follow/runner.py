@@ -36,7 +36,7 @@ import orjson
 from replicator import naming
 from replicator.catalog import Catalog
 from replicator.errors import ReplicatorError, SegmentError, StoreError
-from replicator.follow.replica import TP, Position, Replica
+from replicator.follow.replica import TP, Position, PostgresReplica, Replica, SqliteReplica
 from replicator.restore.layout import TableLayout
 from replicator.restore.replay import LiveRow
 from replicator.schemas import SchemaRegistry
@@ -185,8 +185,17 @@ class Follower:
         tiers = Tiers.for_store(self.store, self.archive_url)
         plan = await make_plan(catalog, self.registry, list(self.topic_entities),
                                AtOffsets(ends), tiers=tiers)
+        # the restore replaces the file / schema: no connection may keep the old one
+        await self.replica.close()
+        if isinstance(self.replica, SqliteReplica):
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    Path(str(self.replica.path) + suffix).unlink()
+        await self.replica.open()
+        restore_id = time.strftime("%Y%m%d%H%M%S") + "_follow"
         report = await execute_restore(catalog, self.registry, plan,
-                                       self.replica.restore_url, replace=True, tiers=tiers)
+                                       self.replica.restore_url, replace=True, tiers=tiers,
+                                       target=self.replica.bootstrap_target(restore_id))
         self.stats.bootstraps += 1
         log.info("replica bootstrapped", extra={
             "target": self.replica.location,
@@ -380,8 +389,6 @@ class Follower:
         self.positions = {}
         # a bootstrap replaces the whole schema/file, positions included
         del positions
-        from replicator.follow.replica import PostgresReplica, SqliteReplica
-
         if isinstance(self.replica, SqliteReplica):
             await self.replica.close()
             for suffix in ("", "-wal", "-shm"):

@@ -56,13 +56,16 @@ SQLITE_CONVERT: dict[Kind, Converter | None] = {
 }
 
 
-def create_table_sql(layout: TableLayout) -> str:
+def create_table_sql(layout: TableLayout, *, rowid: bool = False) -> str:
+    """``WITHOUT ROWID`` (rows clustered by key: the best layout for a restore, loaded in
+    key order); ``rowid=True`` for a replica that takes updates in random key order (rows
+    appended, only the key index is touched at random: several times cheaper commits)."""
     cols = ", ".join(
         f"{_q(c.name)} {SQLITE_TYPES[c.kind]}"
         + (" PRIMARY KEY NOT NULL" if c.name == "key" else "")
         for c in layout.columns
     )
-    return f"CREATE TABLE {_q(layout.entity)} ({cols}) WITHOUT ROWID"
+    return f"CREATE TABLE {_q(layout.entity)} ({cols})" + ("" if rowid else " WITHOUT ROWID")
 
 
 def sqlite_rows(layout: TableLayout, rows: Iterable[RowIn]) -> Iterator[tuple[Any, ...]]:
@@ -74,8 +77,9 @@ def sqlite_rows(layout: TableLayout, rows: Iterable[RowIn]) -> Iterator[tuple[An
 
 
 class SqliteTarget:
-    def __init__(self, path: Path, restore_id: str) -> None:
+    def __init__(self, path: Path, restore_id: str, *, rowid_tables: bool = False) -> None:
         self.path = path
+        self.rowid_tables = rowid_tables
         self.location = f"sqlite://{path}"
         self._tmp = path.with_name(f".{path.name}.tmp-restore-{restore_id}")
         self._conn: sqlite3.Connection | None = None
@@ -136,7 +140,7 @@ class SqliteTarget:
 
     def _write_sync(self, layout: TableLayout, rows: Iterable[RowIn]) -> int:
         conn = self._c()
-        conn.execute(create_table_sql(layout))
+        conn.execute(create_table_sql(layout, rowid=self.rowid_tables))
         marks = ", ".join("?" * len(layout.columns))
         cur = conn.executemany(f"INSERT INTO {_q(layout.entity)} VALUES ({marks})",
                                sqlite_rows(layout, rows))
