@@ -29,9 +29,10 @@ import orjson
 
 from replicator.errors import TargetError
 from replicator.restore.layout import TableLayout
+from replicator.restore.replay import LiveRow
 from replicator.targets.base import RowIn, Target
 from replicator.targets.postgres import check_schema_name, pg_rows, split_url
-from replicator.targets.sqlite import sqlite_rows
+from replicator.targets.sqlite import sqlite_row_fn
 
 TP = tuple[str, int]
 POSITIONS_TABLE = "replicator_positions"
@@ -47,8 +48,10 @@ class Position:
     applied_ms: int = 0
 
 
-#: One batch: per entity, per key, the winning change's row (``None``: deleted)
-Batch = Mapping[str, Mapping[str, RowIn | None]]
+#: A key's newest change in a batch: (parsed event, topic, partition, offset)
+Change = tuple[dict[str, Any], str, int, int]
+#: One batch: per entity, per key, the winning change (``None``: deleted)
+Batch = Mapping[str, Mapping[str, Change | None]]
 
 
 class Replica(Protocol):
@@ -114,6 +117,7 @@ class SqliteReplica:
         self.checkpoint_s = checkpoint_s
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
+        self._row_fns: dict[str, Any] = {}
 
     def bootstrap_target(self, restore_id: str) -> Target | None:
         from replicator.targets.sqlite import SqliteTarget
@@ -186,14 +190,16 @@ class SqliteReplica:
                 names = layout.column_names
                 cols = ", ".join(_q(n) for n in names)
                 sets = ", ".join(f"{_q(n)} = excluded.{_q(n)}" for n in names if n != "key")
-                ups = [rv for rv in changes.values() if rv is not None]
-                dels = [(k,) for k, rv in changes.items() if rv is None]
+                row = self._row_fns.get(entity)
+                if row is None:
+                    row = self._row_fns[entity] = sqlite_row_fn(layout)
+                ups = [row(*ch) for k, ch in sorted(changes.items()) if ch is not None]
+                dels = [(k,) for k, ch in changes.items() if ch is None]
                 if ups:
                     c.executemany(
                         f"INSERT INTO {t} ({cols}) VALUES ({', '.join('?' * len(names))}) "
                         f"ON CONFLICT(key) DO UPDATE SET {sets} WHERE "
-                        + _upsert_guard(t, "excluded"),
-                        sqlite_rows(layout, sorted(ups, key=lambda r: r[0].key)))
+                        + _upsert_guard(t, "excluded"), ups)
                 if dels:
                     c.executemany(f"DELETE FROM {t} WHERE key = ?", dels)
             c.executemany(
@@ -291,13 +297,14 @@ class PostgresReplica:
             raise TargetError(f"{self.location}: applying changes failed: {exc}") from None
 
     async def _apply_entity(self, c: asyncpg.Connection, layout: TableLayout,
-                            changes: Mapping[str, RowIn | None]) -> None:
+                            changes: Mapping[str, Change | None]) -> None:
         s, t = _q(self.schema), _q(layout.entity)
         table = f"{s}.{t}"
         stage = _q(f"_in_{layout.entity}")
-        ups: Sequence[RowIn] = sorted((rv for rv in changes.values() if rv is not None),
-                                      key=lambda r: r[0].key)
-        dels = [k for k, rv in changes.items() if rv is None]
+        ups: Sequence[RowIn] = [
+            (LiveRow(k, b"", ch[1], ch[2], ch[3], 0), ch[0])
+            for k, ch in sorted(changes.items()) if ch is not None]
+        dels = [k for k, ch in changes.items() if ch is None]
         if ups:
             if layout.entity not in self._staged:
                 await c.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
