@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +32,7 @@ from replicator.config import Config
 from replicator.destinations import Fanout, NotifyingStore, build_fanout
 from replicator.errors import BrokerError, ConfigError, ReplicatorError
 from replicator.fastcheck import FastAccept
+from replicator.gcdefer import young_gc_deferred
 from replicator.metrics import Metrics
 from replicator.schemas import SchemaRegistry
 from replicator.spool import Spool, SpoolSettings
@@ -42,37 +42,6 @@ log = logging.getLogger(__name__)
 
 #: Young-generation GC threshold while ingest runs: at least this, and 10x max_poll_records.
 GC_YOUNG_THRESHOLD = 50_000
-_gc_users = 0
-_gc_saved: tuple[int, int, int] | None = None
-
-
-@contextlib.contextmanager
-def _young_gc_deferred(threshold: int) -> Iterator[None]:
-    """Raise the young-generation GC threshold while ingest runs (process-wide, refcounted).
-
-    Every fetched batch allocates ~4 GC-tracked objects per record (aiokafka's
-    ``ConsumerRecord`` and its headers tuples) that all die by refcount once the batch is
-    processed. With the default threshold (700) they set off dozens of young collections
-    per batch whose survivors get promoted and make full collections frequent: 10-20 % of
-    ingest CPU. With a threshold above a batch's allocations young collections rarely run;
-    cyclic garbage is still collected. The previous thresholds are restored when the last
-    running ingest loop ends (unless someone else changed them meanwhile).
-    """
-    global _gc_users, _gc_saved
-    if _gc_users == 0:
-        saved = gc.get_threshold()
-        if 0 < saved[0] < threshold:  # 0 means "automatic GC off": leave that alone
-            gc.set_threshold(threshold, saved[1], saved[2])
-            _gc_saved = saved
-    _gc_users += 1
-    try:
-        yield
-    finally:
-        _gc_users -= 1
-        if _gc_users == 0 and _gc_saved is not None:
-            if gc.get_threshold()[0] == threshold:
-                gc.set_threshold(*_gc_saved)
-            _gc_saved = None
 
 
 @dataclass(slots=True)
@@ -340,7 +309,7 @@ class Ingestor:
     async def run(self) -> None:
         """Consume until :meth:`request_stop`; raises on unrecoverable errors."""
         young = max(GC_YOUNG_THRESHOLD, 10 * self.config.kafka.max_poll_records)
-        with _young_gc_deferred(young):
+        with young_gc_deferred(young):
             await self._run()
 
     async def _run(self) -> None:

@@ -44,6 +44,7 @@ from replicator.follow.replica import (
     Replica,
     SqliteReplica,
 )
+from replicator.gcdefer import young_gc_deferred
 from replicator.restore.layout import TableLayout
 from replicator.schemas import SchemaRegistry
 from replicator.segment import format as fmt
@@ -134,8 +135,8 @@ class Follower:
     def __init__(
         self, *, store: Store, replica: Replica, registry: SchemaRegistry,
         topics: Sequence[str], live: Sequence[str] = (), poll_s: float = 1.0,
-        max_batch: int = 20_000, archive_url: str = "", live_interval_s: float = 0.05,
-        apply_interval_s: float = 0.2,
+        max_batch: int = 20_000, archive_url: str = "", live_interval_s: float = 0.1,
+        apply_interval_s: float = 0.3,
         on_batch: Callable[[Follower], None] | None = None,
     ) -> None:
         self.store = store
@@ -384,7 +385,8 @@ class Follower:
             self.positions = {tp: p for tp, p in positions.items()
                               if tp[0] in self.topic_entities}
             try:
-                await self._follow()
+                with young_gc_deferred(50_000):  # batches allocate many short-lived objects
+                    await self._follow()
                 return
             except FellBehindError as exc:
                 log.error("follower fell behind retention; bootstrapping again from the "
