@@ -438,7 +438,7 @@ class Follower:
                     raise errors[0]
                 chunks = [i for i in items if isinstance(i, Chunk)]
                 applied_mono = time.monotonic()  # the interval runs from commit start
-                batch, moved, n = self._fold(chunks)
+                batch, moved, n = await asyncio.to_thread(self._fold, chunks)
                 await self.replica.apply(self.layouts, batch, moved)
                 done_ms = time.time() * 1000
                 for ch in chunks:
