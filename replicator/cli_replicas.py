@@ -79,73 +79,118 @@ def mirror(source_url: str, dest_url: str, verify: bool, prefix: str, create_buc
         raise SystemExit(4)
 
 
-@main.command("destinations")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-@click.pass_context
-def destinations_cmd(ctx: click.Context, as_json: bool) -> None:
-    """Every destination (the primary store, then [[destinations]]): what it holds, how far
-    behind the primary it is and the RPO it gives right now (age of its newest restorable
-    point). Reads the stores directly; the running service shows the same live at
-    /v1/destinations."""
+async def destination_rows(cfg: Any) -> list[dict[str, Any]]:
+    """Per destination (the primary first): what it holds, its backlog against the primary,
+    offsets behind per partition, newest restorable time and the RPO it gives now. A
+    destination that cannot be read is a row with ``up: false`` and the error."""
     from replicator.destinations import coverage
     from replicator.storage.base import open_store
     from replicator.storage.mirror import plan_mirror
 
-    cfg = _config(ctx)
     named = [("primary", cfg.store_url, True)] + [
         (d.name, d.url, d.required) for d in cfg.destinations]
+    primary = open_store(cfg.store_url)
+    out: list[dict[str, Any]] = []
+    try:
+        p_objs = await primary.list()
+        p_cov = await coverage(primary, p_objs)
+        now = int(time.time() * 1000)
+        for name, url, required in named:
+            store = primary if name == "primary" else open_store(url)
+            row: dict[str, Any] = {"name": name, "url": store.url, "required": required}
+            try:
+                objs = p_objs if store is primary else await store.list()
+                cov = p_cov if store is primary else await coverage(store, objs)
+                plan = plan_mirror(p_objs, objs)
+                behind = {f"{t}[{p}]": end - cov.ends.get((t, p), 0)
+                          for (t, p), end in p_cov.ends.items()
+                          if end > cov.ends.get((t, p), 0)}
+                rpo = (None if cov.newest_ms is None
+                       else round(max(0.0, (now - cov.newest_ms) / 1e3), 3))
+                row.update(up=True, objects=cov.objects, bytes=cov.bytes,
+                           backlog_objects=len(plan.missing),
+                           backlog_bytes=plan.missing_bytes, behind_offsets=behind,
+                           newest_restorable_ms=cov.newest_ms, rpo_s=rpo,
+                           rpo_met=rpo is not None and rpo <= cfg.objectives.rpo_s,
+                           conflicts=len(plan.conflicts))
+            except Exception as exc:  # one destination down is a row, not a failure
+                row.update(up=False, error=str(exc))
+            finally:
+                if store is not primary:
+                    await store.close()
+            out.append(row)
+    finally:
+        await primary.close()
+    return out
 
-    async def go() -> list[dict[str, Any]]:
-        primary = open_store(cfg.store_url)
-        out: list[dict[str, Any]] = []
-        try:
-            p_objs = await primary.list()
-            p_cov = await coverage(primary, p_objs)
-            now = int(time.time() * 1000)
-            for name, url, required in named:
-                store = primary if name == "primary" else open_store(url)
-                row: dict[str, Any] = {"name": name, "url": store.url, "required": required}
-                try:
-                    objs = p_objs if store is primary else await store.list()
-                    cov = p_cov if store is primary else await coverage(store, objs)
-                    plan = plan_mirror(p_objs, objs)
-                    behind = {f"{t}[{p}]": end - cov.ends.get((t, p), 0)
-                              for (t, p), end in p_cov.ends.items()
-                              if end > cov.ends.get((t, p), 0)}
-                    row.update(up=True, objects=cov.objects, bytes=cov.bytes,
-                               backlog_objects=len(plan.missing),
-                               backlog_bytes=plan.missing_bytes, behind_offsets=behind,
-                               newest_restorable_ms=cov.newest_ms,
-                               rpo_s=None if cov.newest_ms is None
-                               else round(max(0.0, (now - cov.newest_ms) / 1e3), 3),
-                               conflicts=len(plan.conflicts))
-                except Exception as exc:  # one destination down is a row, not a failure
-                    row.update(up=False, error=str(exc))
-                finally:
-                    if store is not primary:
-                        await store.close()
-                out.append(row)
-        finally:
-            await primary.close()
-        return out
 
-    rows = _run(go())
-    if as_json:
-        _dump({"destinations": rows, "rpo_objective_s": cfg.objectives.rpo_s})
-        return
+def print_destinations(rows: list[dict[str, Any]], rpo_objective_s: float) -> None:
     for r in rows:
         req = "required" if r["required"] else "optional"
         if not r["up"]:
             click.echo(f"{r['name']:<10} {req:<9} DOWN  {r['url']}: {r['error']}")
             continue
         rpo = "n/a (nothing restorable)" if r["rpo_s"] is None else f"{r['rpo_s']:.1f}s"
-        state = "met" if r["rpo_s"] is not None and r["rpo_s"] <= cfg.objectives.rpo_s \
-            else "MISSED"
+        state = "met" if r["rpo_met"] else "MISSED"
+        behind = ", ".join(f"{k} -{v}" for k, v in r["behind_offsets"].items()) or "none"
         click.echo(
             f"{r['name']:<10} {req:<9} up    {r['objects']} objects "
             f"({_human_bytes(r['bytes'])}), backlog {r['backlog_objects']} "
-            f"({_human_bytes(r['backlog_bytes'])}), newest restorable "
-            f"{format_ms(r['newest_restorable_ms'])}, RPO {rpo} [{state}]  {r['url']}")
+            f"({_human_bytes(r['backlog_bytes'])}), behind: {behind}; newest restorable "
+            f"{format_ms(r['newest_restorable_ms'])}, RPO {rpo} "
+            f"[{state}, objective {rpo_objective_s:g}s]  {r['url']}")
+
+
+@main.command("destinations")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.pass_context
+def destinations_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Every destination (the primary store, then [[destinations]]): what it holds, how far
+    behind the primary it is and the RPO it gives right now (age of its newest restorable
+    point). Reads the stores directly; the running service shows its live queues at
+    /v1/destinations."""
+    cfg = _config(ctx)
+    rows = _run(destination_rows(cfg))
+    if as_json:
+        _dump({"destinations": rows, "rpo_objective_s": cfg.objectives.rpo_s})
+        return
+    print_destinations(rows, cfg.objectives.rpo_s)
+
+
+@main.command("status")
+@click.option("--follower", "followers", multiple=True,
+              help="Also show this replica's applied position and lag (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.pass_context
+def status_cmd(ctx: click.Context, followers: tuple[str, ...], as_json: bool) -> None:
+    """Where the backups stand: per destination the backlog and the RPO it gives now, and
+    per follower (--follower URL) its position and lag. Exit 0 when every destination is
+    up and meets objectives.rpo_s, else 10."""
+    from replicator.follow import follower_status, open_replica
+    from replicator.storage.base import open_store
+
+    cfg = _config(ctx)
+
+    async def go() -> dict[str, Any]:
+        rows = await destination_rows(cfg)
+        fol = [await follower_status(open_store(cfg.store_url), open_replica(u),
+                                     list(cfg.kafka.topics)) for u in followers]
+        return {"destinations": rows, "followers": fol,
+                "rpo_objective_s": cfg.objectives.rpo_s}
+
+    doc = _run(go())
+    ok = all(r["up"] and r["rpo_met"] for r in doc["destinations"])
+    if as_json:
+        _dump({**doc, "ok": ok})
+    else:
+        click.echo("destinations:")
+        print_destinations(doc["destinations"], cfg.objectives.rpo_s)
+        for f in doc["followers"]:
+            click.echo(f"follower {f['target']}: "
+                       + ("bootstrapped" if f["bootstrapped"] else "NOT bootstrapped")
+                       + f", lag {f['lag_events']} events, {f['lag_s']:.1f}s")
+    if not ok:
+        raise SystemExit(10)
 
 
 @main.command()
