@@ -70,7 +70,8 @@ def _setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    for noisy in ("aiokafka", "aiobotocore", "botocore"):  # per-connection chatter
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
 def _exit_code(exc: ReplicatorError) -> int:

@@ -526,7 +526,7 @@ def test_s3_url_never_contains_credentials(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", LOCAL_SECRET)
     s = open_store("s3://bkt/some/prefix?endpoint=http://127.0.0.1:7070&region=eu-west-1")
     assert isinstance(s, S3Store)
-    assert s.url == "s3://bkt/some/prefix?endpoint=http%3A%2F%2F127.0.0.1%3A7070"
+    assert s.url == "s3://bkt/some/prefix?endpoint=http://127.0.0.1:7070"
     assert s.location == S3Location(bucket="bkt", prefix="some/prefix/",
                                      endpoint="http://127.0.0.1:7070", region="eu-west-1")
     assert repr(s) == f"S3Store({s.url})"

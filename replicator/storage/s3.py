@@ -99,7 +99,7 @@ class S3Location:
         if self.endpoint:
             q["endpoint"] = self.endpoint
         base = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        return f"{base}?{urlencode(q)}" if q else base
+        return f"{base}?{urlencode(q, safe=':/')}" if q else base
 
 
 def _b64(raw: bytes) -> str:
