@@ -15,7 +15,6 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode
 
 import pytest
 
@@ -543,7 +542,7 @@ async def test_s3_url_of_a_live_store_has_no_credentials(s3_bucket: str) -> None
         await s.put_bytes("x", b"1")
         bucket = s3_bucket.removeprefix("s3://").split("?")[0]
         endpoint = s3_bucket.split("endpoint=", 1)[1]
-        assert s.url == f"s3://{bucket}?{urlencode({'endpoint': endpoint})}"
+        assert s.url == f"s3://{bucket}?endpoint={endpoint}"
         assert "@" not in s.url
         assert os.environ["AWS_SECRET_ACCESS_KEY"] not in s.url
         assert os.environ["AWS_ACCESS_KEY_ID"] not in s.url
