@@ -173,8 +173,9 @@ def status_cmd(ctx: click.Context, followers: tuple[str, ...], as_json: bool) ->
 
     async def go() -> dict[str, Any]:
         rows = await destination_rows(cfg)
+        live = [f"http://{cfg.server.host}:{cfg.server.port}"] if cfg.server.port else []
         fol = [await follower_status(open_store(cfg.store_url), open_replica(u),
-                                     list(cfg.kafka.topics)) for u in followers]
+                                     list(cfg.kafka.topics), live) for u in followers]
         return {"destinations": rows, "followers": fol,
                 "rpo_objective_s": cfg.objectives.rpo_s}
 
@@ -232,8 +233,13 @@ def follow(ctx: click.Context, target_url: str, live: tuple[str, ...], no_live: 
 
     cfg = _config(ctx)
     topics = list(cfg.kafka.topics)
+    if not live and not no_live and cfg.server.port:
+        live = (f"http://{cfg.server.host}:{cfg.server.port}",)
+    if no_live:
+        live = ()
     if status_only:
-        doc = _run(follower_status(open_store(cfg.store_url), open_replica(target_url), topics))
+        doc = _run(follower_status(open_store(cfg.store_url), open_replica(target_url), topics,
+                                   live))
         if as_json:
             _dump(doc)
             return
@@ -242,13 +248,11 @@ def follow(ctx: click.Context, target_url: str, live: tuple[str, ...], no_live: 
                    + f", lag {doc['lag_events']} events, {doc['lag_s']:.1f}s")
         for r in doc["partitions"]:
             lag_s = "n/a" if r["lag_s"] is None else f"{r['lag_s']:.1f}s"
+            durable = "" if r["durable_end"] is None else f"  durable end {r['durable_end']}"
             click.echo(f"  {r['topic']}[{r['partition']}]  applied {r['applied_offset']}  "
-                       f"stored end {r['stored_end']}  lag {r['lag_events']} events ({lag_s})")
+                       f"stored end {r['stored_end']}{durable}  lag {r['lag_events']} events "
+                       f"({lag_s})")
         return
-    if not live and not no_live and cfg.server.port:
-        live = (f"http://{cfg.server.host}:{cfg.server.port}",)
-    if no_live:
-        live = ()
     reg = _registry()
 
     async def go() -> None:

@@ -4,7 +4,8 @@
 failed), ``/readyz`` (partitions assigned and consuming), ``/v1/destinations`` (the
 fan-out's state per destination) and ``/v1/tail?p=<topic>:<partition>:<from>&...&wait_ms=M``
 (live followers: the durable blocks holding offsets ``>= from`` of every requested partition
-this instance owns, in one response, long-polled up to ``M`` ms when there are none).
+this instance owns, in one response, long-polled up to ``M`` ms when there are none;
+``head=1``: only the header, no blocks).
 Binds to loopback by default.
 
 Tail response body: frames of ``<qiIH`` (wall-clock ms at which the block became durable,
@@ -85,6 +86,7 @@ class HealthServer:
                 topic, part_s, start_s = spec.rsplit(":", 2)
                 wanted.append((topic, int(part_s), int(start_s)))
             wait_ms = min(30_000, max(0, int(request.query.get("wait_ms", "0"))))
+            head_only = request.query.get("head", "0") not in ("", "0")
         except ValueError:
             raise web.HTTPBadRequest(
                 text="p=<topic>:<partition>:<from offset> (repeatable) and wait_ms=<ms>") from None
@@ -98,10 +100,12 @@ class HealthServer:
                     continue  # not owned here
                 durable, blocks, oldest = got
                 state[f"{topic}:{part}"] = [durable, oldest]
+                if head_only:
+                    continue
                 name = topic.encode()
                 frames.extend(TAIL_FRAME.pack(ms, part, len(b), len(name)) + name + b
                               for ms, b in blocks)
-            if frames or time.monotonic() >= deadline:
+            if frames or head_only or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.005)
         return web.Response(body=b"".join(frames), content_type="application/octet-stream",

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 
-from replicator.follow import Follower, open_replica
+from replicator.follow import Follower, follower_status, open_replica
 from replicator.schemas import SchemaRegistry
 from replicator.storage.local import LocalStore
 from tests.helpers import REPO_ROOT, ServiceProcess, create_topics, kafka_contents, publish_demo
@@ -170,6 +170,11 @@ async def test_follower_tails_live_and_survives_sigkill_loop(
                 await task
         assert f.stats.lag_ms, "the newest changes must come from the live tail"
         check_positions_cover_rows(db)
+        st = await follower_status(LocalStore(root=data_dir / "store"),
+                                   open_replica(f"sqlite://{db}"), list(ENTITIES), [live])
+        assert st["bootstrapped"] and st["lag_events"] == 0, st
+        assert {(r["topic"], r["partition"]): r["durable_end"] for r in st["partitions"]} == {
+            tp: e for tp, e in ends.items()}, st  # the service's durable ends, from the tail
 
         state, last = oracle(contents)
         lay = layouts()

@@ -467,10 +467,32 @@ class Follower:
             read[tp] = segs[0].start
 
 
-async def follower_status(store: Store, replica: Replica, topics: Sequence[str]
-                          ) -> dict[str, Any]:
-    """Applied position per partition, lag in events (store end minus position) and in
-    seconds (now minus the newest applied record's time, 0 when caught up)."""
+async def live_ends(live: Sequence[str], tps: Sequence[TP]) -> dict[TP, int]:
+    """Durable end offsets the running replicator(s) report (``head=1``: no blocks)."""
+    import aiohttp
+
+    out: dict[TP, int] = {}
+    params = [("p", f"{t}:{p}:0") for t, p in tps] + [("head", "1")]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        for base in live:
+            try:
+                async with http.get(f"{base.rstrip('/')}/v1/tail", params=params) as r:
+                    if r.status != 200:
+                        continue
+                    served = orjson.loads(r.headers.get("X-Replicator-Partitions", "{}"))
+            except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+                continue
+            for k, (durable, _oldest) in served.items():
+                t, _, p = k.rpartition(":")
+                out[(t, int(p))] = int(durable)
+    return out
+
+
+async def follower_status(store: Store, replica: Replica, topics: Sequence[str],
+                          live: Sequence[str] = ()) -> dict[str, Any]:
+    """Applied position per partition and the lag: in events, against the newest end known
+    (the store's contiguous segments, or the durable end a live endpoint reports); in
+    seconds, now minus the newest applied record's time (0 when caught up)."""
     from replicator.destinations import coverage
 
     await replica.open()
@@ -479,24 +501,25 @@ async def follower_status(store: Store, replica: Replica, topics: Sequence[str]
     finally:
         await replica.close()
     cov = await coverage(store)
+    tps = sorted(tp for tp in set(cov.ends) | set(positions or {}) if tp[0] in topics)
+    durable = await live_ends(live, tps) if live else {}
     now = int(time.time() * 1000)
     rows: list[dict[str, Any]] = []
-    for tp in sorted(set(cov.ends) | set(positions or {})):
-        if tp[0] not in topics:
-            continue
+    for tp in tps:
         p = (positions or {}).get(tp)
-        end = cov.ends.get(tp, 0)
+        end = max(cov.ends.get(tp, 0), durable.get(tp, 0))
         lag = None if p is None else max(0, end - p.next_offset)
         rows.append({
             "topic": tp[0], "partition": tp[1],
             "applied_offset": None if p is None else p.next_offset,
-            "stored_end": end, "lag_events": lag,
+            "stored_end": cov.ends.get(tp, 0), "durable_end": durable.get(tp),
+            "lag_events": lag,
             "last_applied_ts_ms": None if p is None else p.last_ts_ms,
             "applied_ms": None if p is None else p.applied_ms,
             "lag_s": None if p is None else (0.0 if lag == 0 else
                                              max(0.0, (now - p.last_ts_ms) / 1e3)),
         })
     return {"target": replica.location, "bootstrapped": positions is not None,
-            "partitions": rows,
+            "live": list(live), "partitions": rows,
             "lag_events": sum(r["lag_events"] or 0 for r in rows),
             "lag_s": max((float(r["lag_s"] or 0.0) for r in rows), default=0.0)}
