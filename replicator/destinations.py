@@ -37,7 +37,7 @@ import orjson
 
 from replicator import naming
 from replicator.catalog import SegmentEntry, remote_entry
-from replicator.errors import ReplicatorError, SegmentError
+from replicator.errors import ObjectNotFoundError, ReplicatorError, SegmentError
 from replicator.metrics import Metrics
 from replicator.restore.planner import WatermarkInfo, segment_chains, window_of
 from replicator.storage.base import ObjectInfo, Store
@@ -277,11 +277,9 @@ class Fanout:
                     try:
                         n = await copy_object(self.primary, d.store, name,
                                               mutable=is_mutable(name), scratch=scratch)
-                    except ReplicatorError as exc:
-                        if "not found" in str(exc).lower() and not is_mutable(name):
-                            d.queue.popleft()  # gone from the primary (retention): skip
-                            continue
-                        raise
+                    except ObjectNotFoundError:
+                        d.queue.popleft()  # gone from the primary (retention): nothing to copy
+                        continue
                     d.queue.popleft()
                     self._advance(d, name, n)
                     d.copied += 1 if n else 0
