@@ -251,7 +251,9 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool,
         first = cfg.kafka.topics[0]
         scheduler = Scheduler(compaction=cfg.compaction, retention=cfg.retention,
                               list_snapshots=tiers.list, config_path=config_path,
-                              is_leader=lambda: ingestor.owns(first, 0))
+                              is_leader=lambda: ingestor.owns(first, 0),
+                              on_written=(ingestor.fanout.reconcile_soon
+                                          if ingestor.fanout is not None else None))
         tasks.append(asyncio.create_task(scheduler.run(stop), name="backup-schedule"))
     display = _Progress(ingestor, published) if show_progress else None
     stopper = asyncio.create_task(stop.wait())

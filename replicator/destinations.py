@@ -8,7 +8,8 @@ primary, or another destination.
 Per destination the worker
 - takes names the spool just stored (:meth:`Fanout.stored`, in the order they were stored:
   segments before the watermark that covers them) and copies them (create-only);
-- reconciles on start, after an error and every ``reconcile_interval_s`` with the pure
+- reconciles on start, after an error, right after the compactor wrote a snapshot
+  (:meth:`Fanout.reconcile_soon`) and every ``reconcile_interval_s`` with the pure
   :func:`plan_mirror` of both listings: a destination that was down catches up on its whole
   backlog, and snapshots written by the compactor child process arrive too;
 - keeps what the restore planner would say about that destination: the contiguous stored
@@ -192,6 +193,14 @@ class Fanout:
                     del d.queue[d.queue.index(name, 1)]
             d.queue.append(name)
             d.backlog_objects += 0 if mutable else 1
+            d.wake.set()
+
+    def reconcile_soon(self) -> None:
+        """Something wrote to the primary behind the spool's back (a snapshot from the
+        compactor process): every destination reconciles now instead of at its next
+        interval."""
+        for d in self.destinations:
+            d.reconciled = False
             d.wake.set()
 
     def acked_end(self, tp: TP, durable: int) -> int:

@@ -77,7 +77,8 @@ class Scheduler:
     def __init__(self, *, compaction: CompactionSettings, retention: RetentionSettings,
                  list_snapshots: Callable[[], Awaitable[list[Manifest]]],
                  config_path: Path | None,
-                 is_leader: Callable[[], bool] = lambda: True) -> None:
+                 is_leader: Callable[[], bool] = lambda: True,
+                 on_written: Callable[[], None] | None = None) -> None:
         self.compaction = compaction
         self.retention = retention
         self._list = list_snapshots
@@ -86,6 +87,8 @@ class Scheduler:
         self.last_error: str | None = None
         self._last_retention = 0.0
         self._is_leader = is_leader
+        #: called after a snapshot was written (the fan-out copies it to the destinations)
+        self._on_written = on_written
 
     def _argv(self, *args: str) -> list[str]:
         cfg = ["--config", str(self._config_path)] if self._config_path else []
@@ -124,6 +127,8 @@ class Scheduler:
             if res is not None:
                 self.last_result = res
                 log.info("snapshot %s (%s) written", res.get("id"), kind)
+                if self._on_written is not None:
+                    self._on_written()
         if self.retention.enabled and (
                 time.monotonic() - self._last_retention >= self.retention.interval_s):
             self._last_retention = time.monotonic()
