@@ -174,7 +174,7 @@ def status_cmd(ctx: click.Context, followers: tuple[str, ...], as_json: bool) ->
     async def go() -> dict[str, Any]:
         rows = await destination_rows(cfg)
         live = [f"http://{cfg.server.host}:{cfg.server.port}"] if cfg.server.port else []
-        fol = [await follower_status(open_store(cfg.store_url), open_replica(u),
+        fol = [await follower_status(open_store(cfg.store_url), open_replica(u, read_only=True),
                                      list(cfg.kafka.topics), live) for u in followers]
         return {"destinations": rows, "followers": fol,
                 "rpo_objective_s": cfg.objectives.rpo_s}
@@ -238,8 +238,8 @@ def follow(ctx: click.Context, target_url: str, live: tuple[str, ...], no_live: 
     if no_live:
         live = ()
     if status_only:
-        doc = _run(follower_status(open_store(cfg.store_url), open_replica(target_url), topics,
-                                   live))
+        replica = open_replica(target_url, read_only=True)
+        doc = _run(follower_status(open_store(cfg.store_url), replica, topics, live))
         if as_json:
             _dump(doc)
             return

@@ -38,7 +38,12 @@ import orjson
 
 from replicator import naming
 from replicator.catalog import SegmentEntry, remote_entry
-from replicator.errors import ObjectNotFoundError, ReplicatorError, SegmentError
+from replicator.errors import (
+    ObjectExistsError,
+    ObjectNotFoundError,
+    ReplicatorError,
+    SegmentError,
+)
 from replicator.metrics import Metrics
 from replicator.restore.planner import WatermarkInfo, segment_chains, window_of
 from replicator.storage.base import ObjectInfo, Store
@@ -302,7 +307,7 @@ class Fanout:
                     await asyncio.wait_for(d.wake.wait(), timeout=self.reconcile_interval_s)
             except asyncio.CancelledError:
                 raise
-            except (ReplicatorError, OSError) as exc:
+            except Exception as exc:  # whatever failed, the worker lives on and retries
                 d.up, d.errors, d.last_error = False, d.errors + 1, str(exc)
                 d.reconciled = False  # catch up from listings once it answers again
                 if self.metrics is not None:
@@ -335,7 +340,11 @@ class NotifyingStore:
         return self.inner.url
 
     async def put_file(self, name: str, source: Path, *, create_only: bool = True) -> None:
-        await self.inner.put_file(name, source, create_only=create_only)
+        try:
+            await self.inner.put_file(name, source, create_only=create_only)
+        except ObjectExistsError:
+            self._on_stored(name)  # stored before a crash: the destinations may lack it
+            raise
         self._on_stored(name)
 
     async def put_bytes(self, name: str, data: bytes, *, create_only: bool = True) -> None:

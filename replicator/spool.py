@@ -59,6 +59,8 @@ TP = tuple[str, int]
 
 #: fsyncs of one group commit run concurrently on up to this many threads
 _FSYNC_THREADS = 8
+#: the live-tail buffer is kept this long after a follower's last request
+TAIL_IDLE_S = 300.0
 
 
 class SpoolError(ReplicatorError):
@@ -133,6 +135,7 @@ class PartitionLog:
         self.recent: collections.deque[tuple[int, int, int, bytes]] = collections.deque()
         self.recent_bytes = 0
         self._written: bytes | None = None
+        self._tail_wanted_until = 0.0
 
     @property
     def tp(self) -> TP:
@@ -229,7 +232,8 @@ class PartitionLog:
     def block_durable(self, block: PendingBlock, now_mono: float) -> None:
         self.durable = block.end
         data, self._written = self._written, None
-        if data is not None and self.settings.tail_buffer_bytes > 0:
+        if data is not None and self.settings.tail_buffer_bytes > 0 and (
+                now_mono < self._tail_wanted_until):
             self.recent.append((block.start, block.end, int(time.time() * 1000), data))
             self.recent_bytes += len(data)
             while self.recent_bytes > self.settings.tail_buffer_bytes and len(self.recent) > 1:
@@ -240,10 +244,22 @@ class PartitionLog:
 
     def tail(self, from_offset: int) -> tuple[list[tuple[int, bytes]], int | None]:
         """Durable blocks holding offsets ``>= from_offset`` as (durable ms, encoded block),
-        and the oldest offset the buffer still holds (None: empty)."""
+        and the oldest offset the buffer still holds (None: empty). Nothing when
+        ``from_offset`` is below the buffer (the caller reads sealed segments first).
+
+        The buffer is filled only while followers ask (for ``TAIL_IDLE_S`` after the last
+        request), so an instance nobody follows keeps no blocks in memory."""
+        self._tail_wanted_until = time.monotonic() + TAIL_IDLE_S
         oldest = self.recent[0][0] if self.recent else None
-        out = [(ms, data) for start, end, ms, data in self.recent
-               if end > from_offset and end <= self.durable]
+        if oldest is None or from_offset < oldest:
+            return [], oldest
+        out: list[tuple[int, bytes]] = []
+        for _start, end, ms, data in reversed(self.recent):  # newest first: stop early
+            if end <= from_offset:
+                break
+            if end <= self.durable:
+                out.append((ms, data))
+        out.reverse()
         return out, oldest
 
     def seal_due(self, now_mono: float) -> bool:

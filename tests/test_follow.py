@@ -237,3 +237,37 @@ def test_replica_url_errors() -> None:
         open_replica("sqlite://relative.db")
     with pytest.raises(TargetError, match="unsupported replica target"):
         open_replica("jsonl:///tmp/x")
+
+
+async def test_partition_starting_later_is_not_a_fall_behind(tmp_path: Path) -> None:
+    """A partition whose first stored offset is above the replica's position moves on
+    when retention trimmed nothing (its log simply starts later), and is a fall-behind
+    (bootstrap again) only when retention removed what the replica needs."""
+    from replicator.follow.runner import FellBehindError
+
+    h = build_history(tmp_path / "h", events=1200, seed=14, per_segment=100)
+    store, stages = staged(h, tmp_path / "follower-store")
+    publish(h, store, [n for st in stages for n in st])
+    first = naming.parse_segment_name(stages[0][0])
+    tp = (first.topic, first.partition)
+    await store.delete(stages[0][0])  # the partition now starts at the second segment
+    f = Follower(store=LocalStore(root=store.root), replica=open_replica(
+        f"sqlite://{tmp_path / 'r.db'}"), registry=REG, topics=ENTITIES, poll_s=0.1)
+    f.positions = {tp: Position(0)}
+    chunk = await f._from_store(tp, 0)
+    assert chunk is not None and chunk.records == [] and chunk.end == first.end
+    await save_trimmed(store, {tp: first.end})
+    await f._segments(tp, refresh=True)
+    with pytest.raises(FellBehindError, match="retention removed"):
+        await f._from_store(tp, 0)
+
+
+def test_postgres_replica_bootstrap_url_keeps_connection_parameters() -> None:
+    from replicator.follow.replica import PostgresReplica
+
+    r = PostgresReplica("postgresql://u:pw@/standby?host=/var/run/postgresql"
+                        "&sslmode=verify-full&schema=rep")
+    assert r.schema == "rep"
+    assert r.restore_url == ("postgresql://u:pw@/standby?host=%2Fvar%2Frun%2Fpostgresql"
+                             "&sslmode=verify-full&schema=rep")
+    assert "pw" not in r.location

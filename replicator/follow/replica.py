@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -110,8 +111,11 @@ class SqliteReplica:
     (passive: never blocks the applier), not inside the applier's commits.
     """
 
-    def __init__(self, path: Path, *, checkpoint_s: float = 5.0) -> None:
+    def __init__(self, path: Path, *, checkpoint_s: float = 5.0, read_only: bool = False
+                 ) -> None:
         self.path = path
+        #: status readers: never write, never checkpoint, never take the write lock
+        self.read_only = read_only
         self.location = f"sqlite://{path}"
         self.restore_url = self.location
         self.checkpoint_s = checkpoint_s
@@ -127,7 +131,7 @@ class SqliteReplica:
     async def open(self) -> None:
         if not self.path.parent.is_dir():
             raise TargetError(f"{self.location}: directory {self.path.parent} does not exist")
-        if self._checkpointer is None:
+        if self._checkpointer is None and not self.read_only:
             self._checkpointer = asyncio.create_task(self._checkpoint_loop())
 
     async def _checkpoint_loop(self) -> None:
@@ -142,6 +146,9 @@ class SqliteReplica:
             c.execute(f"PRAGMA wal_checkpoint({mode})")
 
     def _c(self) -> sqlite3.Connection:
+        if self._conn is None and self.read_only:
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                         isolation_level=None, check_same_thread=False)
         if self._conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -223,8 +230,9 @@ class SqliteReplica:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
-            with contextlib.suppress(sqlite3.Error):
-                await asyncio.to_thread(self._checkpoint_sync, "TRUNCATE")
+            if not self.read_only:
+                with contextlib.suppress(sqlite3.Error):
+                    await asyncio.to_thread(self._checkpoint_sync, "TRUNCATE")
 
 
 class PostgresReplica:
@@ -234,8 +242,12 @@ class PostgresReplica:
         self._dsn, schema, shown = split_url(url)
         self.schema = check_schema_name(schema or default_schema)
         self.location = f"{shown} (schema {self.schema})"
-        base = url.split("?", 1)[0]
-        self.restore_url = f"{base}?schema={self.schema}"
+        parts = urlsplit(url)
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                 if k != "schema"] + [("schema", self.schema)]
+        # every connection parameter (host, sslmode, ...) kept: the bootstrap must write
+        # into the very database the replica connection reads
+        self.restore_url = urlunsplit(parts._replace(query=urlencode(query)))
         self._conn: asyncpg.Connection | None = None
         self._staged: set[str] = set()
 
@@ -294,6 +306,7 @@ class PostgresReplica:
                     [(t, p, pos.next_offset, pos.last_ts_ms, pos.applied_ms)
                      for (t, p), pos in positions.items()])
         except asyncpg.PostgresError as exc:
+            self._staged.clear()  # a rolled-back CREATE TEMP TABLE is gone too
             raise TargetError(f"{self.location}: applying changes failed: {exc}") from None
 
     async def _apply_entity(self, c: asyncpg.Connection, layout: TableLayout,
@@ -328,13 +341,14 @@ class PostgresReplica:
             await conn.close()
 
 
-def open_replica(url: str) -> Replica:
-    """A replica for ``postgresql://...[?schema=]`` or ``sqlite:///abs/path.db``."""
+def open_replica(url: str, *, read_only: bool = False) -> Replica:
+    """A replica for ``postgresql://...[?schema=]`` or ``sqlite:///abs/path.db``
+    (``read_only``: for status, a SQLite replica is opened without any write)."""
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresReplica(url)
     if url.startswith("sqlite://"):
         raw = url[len("sqlite://"):]
         if not raw.startswith("/"):
             raise TargetError(f"replica {url!r}: the path must be absolute (sqlite:///abs/path)")
-        return SqliteReplica(Path(raw))
+        return SqliteReplica(Path(raw), read_only=read_only)
     raise TargetError(f"unsupported replica target {url!r}: use postgresql:// or sqlite:///")

@@ -35,12 +35,11 @@ import orjson
 
 from replicator import naming
 from replicator.catalog import Catalog
-from replicator.errors import ReplicatorError, SegmentError, StoreError
+from replicator.errors import ReplicatorError, SegmentError
 from replicator.follow.replica import (
     TP,
     Change,
     Position,
-    PostgresReplica,
     Replica,
     SqliteReplica,
 )
@@ -159,6 +158,8 @@ class Follower:
         self._listing_mono = 0.0
         #: per partition, the offset below which retention removed segments
         self._trimmed: dict[TP, int] = {}
+        #: fell behind retention: bootstrap again whatever positions the replica holds
+        self._force_bootstrap = False
         self._http: Any = None
         self._scratch = Path(tempfile.mkdtemp(prefix="replicator-follow-"))
 
@@ -213,6 +214,7 @@ class Follower:
         if positions is None:
             raise ReplicatorError(f"{self.replica.location}: bootstrap left no positions")
         await self.replica.apply(self.layouts, {}, positions)  # the positions table, seeded
+        self._force_bootstrap = False
         return positions
 
     # -- reading ---------------------------------------------------------------------------
@@ -237,11 +239,17 @@ class Follower:
             seg = next((s for s in await self._segments(tp, refresh=True)
                         if s.start <= pos < s.end), None)
         if seg is None:
-            oldest = segs[0].start if segs else self._trimmed.get(tp, 0)
-            if oldest > pos:
+            trimmed = self._trimmed.get(tp, 0)
+            if trimmed > pos:
                 raise FellBehindError(
-                    f"{tp[0]}[{tp[1]}]: the replica is at offset {pos} but the store holds "
-                    f"this partition only from offset {oldest} (retention removed the rest)")
+                    f"{tp[0]}[{tp[1]}]: the replica is at offset {pos} but retention removed "
+                    f"this partition's segments below offset {trimmed}")
+            if segs and segs[0].start > pos:
+                # nothing was trimmed: the partition's log simply starts later (an idle
+                # partition at bootstrap, Kafka retention before it was ever backed up)
+                log.warning("partition starts above the replica's position; moving on",
+                            extra={"partition": tp, "position": pos, "first": segs[0].start})
+                return Chunk(tp, [], segs[0].start)
             return None
         name = naming.segment_name(seg.topic, seg.partition, seg.start, seg.end)
         tmp = self._scratch / name.replace("/", "_")
@@ -264,6 +272,7 @@ class Follower:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40))
         chunks: list[Chunk] = []
         state: dict[TP, tuple[int, int | None]] = {}
+        starts = dict(wanted)
         params = [("p", f"{t}:{p}:{pos}") for (t, p), pos in sorted(wanted.items())]
         params.append(("wait_ms", str(wait_ms)))
         for base in self.live:
@@ -271,7 +280,8 @@ class Follower:
             try:
                 async with self._http.get(url, params=params) as r:
                     if r.status != 200:
-                        raise StoreError(f"live tail {url}: HTTP {r.status}")
+                        log.debug("live tail answered HTTP %s", r.status, extra={"url": url})
+                        continue
                     body = await r.read()
                     served = orjson.loads(r.headers.get("X-Replicator-Partitions", "{}"))
             except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
@@ -281,7 +291,12 @@ class Follower:
                 t, _, p = k.rpartition(":")
                 state[(t, int(p))] = (int(durable), None if oldest is None else int(oldest))
             if body:
-                chunks.extend(decode_frames(body, wanted))  # small: no thread hand-off
+                got = decode_frames(body, starts)  # small: no thread hand-off
+                for ch in got:
+                    # two endpoints serving one partition (a rebalance overlap): the next
+                    # one's blocks are used only beyond what this one gave
+                    starts[ch.tp] = ch.end
+                chunks.extend(got)
         return chunks, state
 
     async def _pump(self, queue: asyncio.Queue[Chunk | BaseException]) -> None:
@@ -316,6 +331,8 @@ class Follower:
                 last_live = time.monotonic()
                 chunks, state = await self._from_live(waiting, 500)
                 for ch in chunks:
+                    if ch.end <= read[ch.tp]:
+                        continue
                     await self._put(queue, ch)
                     read[ch.tp] = ch.end
                 if not chunks and any(old is not None and waiting[tp] < old
@@ -371,7 +388,7 @@ class Follower:
         """Bootstrap if needed, then follow until :meth:`request_stop`."""
         waited = 0
         while not self._stop.is_set():
-            positions = await self.replica.positions()
+            positions = None if self._force_bootstrap else await self.replica.positions()
             if positions is None:
                 try:
                     positions = await self.bootstrap()
@@ -394,18 +411,11 @@ class Follower:
                 await self._forget_positions()
 
     async def _forget_positions(self) -> None:
-        positions = await self.replica.positions() or {}
+        """The next round bootstraps whatever positions the replica holds. Nothing is
+        dropped up front: the bootstrap replaces the schema / file atomically, so readers
+        keep the old state until the new one is complete."""
         self.positions = {}
-        # a bootstrap replaces the whole schema/file, positions included
-        del positions
-        if isinstance(self.replica, SqliteReplica):
-            await self.replica.close()
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    Path(str(self.replica.path) + suffix).unlink()
-        elif isinstance(self.replica, PostgresReplica):
-            await self.replica._c().execute(
-                f'DROP SCHEMA IF EXISTS "{self.replica.schema}" CASCADE')
+        self._force_bootstrap = True
 
     async def _follow(self) -> None:
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue(maxsize=64)
@@ -516,8 +526,8 @@ async def follower_status(store: Store, replica: Replica, topics: Sequence[str],
             "lag_events": lag,
             "last_applied_ts_ms": None if p is None else p.last_ts_ms,
             "applied_ms": None if p is None else p.applied_ms,
-            "lag_s": None if p is None else (0.0 if lag == 0 else
-                                             max(0.0, (now - p.last_ts_ms) / 1e3)),
+            "lag_s": None if p is None else (0.0 if lag == 0 else None if not p.last_ts_ms
+                                             else max(0.0, (now - p.last_ts_ms) / 1e3)),
         })
     return {"target": replica.location, "bootstrapped": positions is not None,
             "live": list(live), "partitions": rows,

@@ -76,6 +76,11 @@ class S3Location:
         unknown = set(q) - {"endpoint", "region", "addressing", "checksum"}
         if unknown:
             raise ConfigError("store.url", f"unknown s3 URL option(s) {sorted(unknown)}")
+        endpoint = (q.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL"))
+        if endpoint and "@" in (urlparse(endpoint).netloc or ""):
+            raise ConfigError("store.url", "credentials do not belong in the endpoint; use "
+                                           "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
         checksum = q.get("checksum", "crc32")
         if checksum not in ("crc32", "md5"):
             raise ConfigError("store.url", f"checksum={checksum!r}: use crc32 or md5")
@@ -85,8 +90,7 @@ class S3Location:
         return cls(
             bucket=p.netloc,
             prefix=f"{prefix}/" if prefix else "",
-            endpoint=q.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL"),
+            endpoint=endpoint,
             region=q.get("region") or os.environ.get("AWS_REGION")
             or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
             path_style=q.get("addressing", "path") != "virtual",
