@@ -79,11 +79,16 @@ def mirror(source_url: str, dest_url: str, verify: bool, prefix: str, create_buc
         raise SystemExit(4)
 
 
+def default_live(cfg: Any) -> tuple[str, ...]:
+    """This config's own service as the live endpoint (none when its HTTP port is off)."""
+    return (f"http://{cfg.server.host}:{cfg.server.port}",) if cfg.server.port else ()
+
+
 async def destination_rows(cfg: Any) -> list[dict[str, Any]]:
     """Per destination (the primary first): what it holds, its backlog against the primary,
     offsets behind per partition, newest restorable time and the RPO it gives now. A
     destination that cannot be read is a row with ``up: false`` and the error."""
-    from replicator.destinations import coverage
+    from replicator.destinations import coverage, offsets_behind
     from replicator.storage.base import open_store
     from replicator.storage.mirror import plan_mirror
 
@@ -102,9 +107,7 @@ async def destination_rows(cfg: Any) -> list[dict[str, Any]]:
                 objs = p_objs if store is primary else await store.list()
                 cov = p_cov if store is primary else await coverage(store, objs)
                 plan = plan_mirror(p_objs, objs)
-                behind = {f"{t}[{p}]": end - cov.ends.get((t, p), 0)
-                          for (t, p), end in p_cov.ends.items()
-                          if end > cov.ends.get((t, p), 0)}
+                behind = offsets_behind(p_cov.ends, cov.ends)
                 rpo = (None if cov.newest_ms is None
                        else round(max(0.0, (now - cov.newest_ms) / 1e3), 3))
                 row.update(up=True, objects=cov.objects, bytes=cov.bytes,
@@ -173,7 +176,7 @@ def status_cmd(ctx: click.Context, followers: tuple[str, ...], as_json: bool) ->
 
     async def go() -> dict[str, Any]:
         rows = await destination_rows(cfg)
-        live = [f"http://{cfg.server.host}:{cfg.server.port}"] if cfg.server.port else []
+        live = default_live(cfg)
         fol = [await follower_status(open_store(cfg.store_url), open_replica(u, read_only=True),
                                      list(cfg.kafka.topics), live) for u in followers]
         return {"destinations": rows, "followers": fol,
@@ -233,10 +236,7 @@ def follow(ctx: click.Context, target_url: str, live: tuple[str, ...], no_live: 
 
     cfg = _config(ctx)
     topics = list(cfg.kafka.topics)
-    if not live and not no_live and cfg.server.port:
-        live = (f"http://{cfg.server.host}:{cfg.server.port}",)
-    if no_live:
-        live = ()
+    live = () if no_live else (live or default_live(cfg))
     if status_only:
         replica = open_replica(target_url, read_only=True)
         doc = _run(follower_status(open_store(cfg.store_url), replica, topics, live))

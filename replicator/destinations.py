@@ -34,14 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from replicator import naming
-from replicator.catalog import SegmentEntry, remote_entry
+from replicator.catalog import Catalog, SegmentEntry, remote_entry
 from replicator.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
-    ReplicatorError,
     SegmentError,
 )
 from replicator.metrics import Metrics
@@ -67,11 +64,11 @@ class Coverage:
 
 
 async def coverage(store: Store, objs: list[ObjectInfo] | None = None) -> Coverage:
-    """Read a store's coverage: segment summaries (cached ranged reads) and watermarks."""
+    """Read a store's coverage: segment summaries (cached ranged reads; ``objs`` is the
+    store's listing when the caller has it) and watermark objects."""
     if objs is None:
         objs = await store.list()
     segs: list[SegmentEntry] = []
-    wms: list[WatermarkInfo] = []
     for o in objs:
         if naming.is_segment_name(o.name):
             try:
@@ -80,18 +77,20 @@ async def coverage(store: Store, objs: list[ObjectInfo] | None = None) -> Covera
                 # left out of the chain (the coverage ends before it); `verify` names it
                 log.error("unreadable segment left out of the coverage",
                           extra={"store": store.url, "segment": o.name, "error": str(exc)})
-        elif o.name.startswith(naming.WATERMARKS_ROOT + "/") and o.name.endswith(".json"):
-            with contextlib.suppress(ReplicatorError, ValueError, KeyError, TypeError):
-                d = orjson.loads(await store.get_bytes(o.name))
-                wms.append(WatermarkInfo(str(d["topic"]), int(d["partition"]),
-                                         None if d["stored_end"] is None
-                                         else int(d["stored_end"]),
-                                         int(d.get("watermark_ms") or 0)))
+    # unreadable watermark objects are left out (the catalog's reader; `verify` names them)
+    wms = [WatermarkInfo(d["topic"], d["partition"], d["stored_end"], d["watermark_ms"])
+           for d in await Catalog(store=store).watermarks()]
     topics = {s.topic for s in segs} | {w.topic for w in wms}
     chains = segment_chains(segs, wms, topics)
     window = window_of(chains.values())
     return Coverage(ends={tp: c.end for tp, c in chains.items()}, newest_ms=window.newest_ms,
                     objects=len(objs), bytes=sum(o.size for o in objs))
+
+
+def offsets_behind(primary: dict[TP, int], ends: dict[TP, int]) -> dict[str, int]:
+    """Per partition (``topic[partition]``) how many offsets ``ends`` lacks of ``primary``."""
+    return {f"{t}[{p}]": end - ends.get((t, p), 0) for (t, p), end in primary.items()
+            if end > ends.get((t, p), 0)}
 
 
 @dataclass(eq=False)
@@ -119,12 +118,7 @@ class Destination:
     up: bool = False
 
     def status(self, now_ms: int, primary: Coverage | None) -> dict[str, Any]:
-        behind: dict[str, int] = {}
-        if primary is not None:
-            for tp, end in primary.ends.items():
-                gap = end - self.ends.get(tp, 0)
-                if gap > 0:
-                    behind[f"{tp[0]}[{tp[1]}]"] = gap
+        behind = offsets_behind(primary.ends, self.ends) if primary is not None else {}
         return {
             "name": self.name, "url": self.store.url, "required": self.required,
             "up": self.up, "backlog_objects": self.backlog_objects,

@@ -26,7 +26,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from replicator.schemas import SchemaRegistry
 from replicator.segment import format as fmt
 from replicator.segment.reader import SegmentReader
 from replicator.server import TAIL_FRAME
-from replicator.storage.base import Store
+from replicator.storage.base import Store, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,17 @@ def decode_frames(body: bytes, starts: dict[TP, int]) -> list[Chunk]:
         ch.durable_ms.append(ms)
         ch.end = meta.end
     return list(out.values())
+
+
+def served_partitions(headers: Mapping[str, str]) -> dict[TP, tuple[int, int | None]]:
+    """The tail response's ``X-Replicator-Partitions`` header: per partition served,
+    (durable end, oldest buffered offset or None)."""
+    out: dict[TP, tuple[int, int | None]] = {}
+    for k, (durable, oldest) in orjson.loads(headers.get("X-Replicator-Partitions", "{}")
+                                             ).items():
+        t, _, p = k.rpartition(":")
+        out[(t, int(p))] = (int(durable), None if oldest is None else int(oldest))
+    return out
 
 
 def read_segment(path: Path, name: str, start: int) -> list[Rec]:
@@ -252,14 +263,8 @@ class Follower:
                 return Chunk(tp, [], segs[0].start)
             return None
         name = naming.segment_name(seg.topic, seg.partition, seg.start, seg.end)
-        tmp = self._scratch / name.replace("/", "_")
-        path = await self.store.fetch_to(name, tmp)
-        try:
+        async with local_copy(self.store, name, self._scratch) as path:
             recs = await asyncio.to_thread(read_segment, path, name, pos)
-        finally:
-            if path == tmp:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
         return Chunk(tp, recs, seg.end)
 
     async def _from_live(self, wanted: dict[TP, int], wait_ms: int
@@ -283,13 +288,11 @@ class Follower:
                         log.debug("live tail answered HTTP %s", r.status, extra={"url": url})
                         continue
                     body = await r.read()
-                    served = orjson.loads(r.headers.get("X-Replicator-Partitions", "{}"))
+                    served = served_partitions(r.headers)
             except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
                 log.debug("live tail unavailable", extra={"url": url, "error": str(exc)})
                 continue
-            for k, (durable, oldest) in served.items():
-                t, _, p = k.rpartition(":")
-                state[(t, int(p))] = (int(durable), None if oldest is None else int(oldest))
+            state.update(served)
             if body:
                 got = decode_frames(body, starts)  # small: no thread hand-off
                 for ch in got:
@@ -489,12 +492,10 @@ async def live_ends(live: Sequence[str], tps: Sequence[TP]) -> dict[TP, int]:
                 async with http.get(f"{base.rstrip('/')}/v1/tail", params=params) as r:
                     if r.status != 200:
                         continue
-                    served = orjson.loads(r.headers.get("X-Replicator-Partitions", "{}"))
+                    served = served_partitions(r.headers)
             except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
                 continue
-            for k, (durable, _oldest) in served.items():
-                t, _, p = k.rpartition(":")
-                out[(t, int(p))] = int(durable)
+            out.update({tp: durable for tp, (durable, _oldest) in served.items()})
     return out
 
 

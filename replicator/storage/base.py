@@ -11,6 +11,11 @@ Invariants every implementation keeps (the conformance tests check them):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -77,6 +82,26 @@ class Store(Protocol):
         """Release connections (a no-op for a local directory); the store stays usable:
         a later call opens them again."""
         ...
+
+
+@contextlib.asynccontextmanager
+async def local_copy(store: Store, name: str, scratch: Path, *, private: bool = False
+                     ) -> AsyncIterator[Path]:
+    """``name`` as a local file for the duration of the block: read in place when the store
+    is local (``fetch_to`` returns its own path), else fetched into ``scratch`` and removed
+    afterwards. ``private=True`` always gives a copy of the caller's own (never the store's
+    file itself, e.g. before handing it to another local store that may hard-link it)."""
+    tmp = scratch / (".fetch-" + os.urandom(6).hex())
+    path = await store.fetch_to(name, tmp)
+    try:
+        if private and path != tmp:
+            await asyncio.to_thread(shutil.copyfile, path, tmp)
+            path = tmp
+        yield path
+    finally:
+        if path == tmp:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def open_store(url: str) -> Store:

@@ -21,8 +21,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ from typing import Any
 
 from replicator import naming
 from replicator.errors import ObjectExistsError, ObjectNotFoundError, StoreError
-from replicator.storage.base import ObjectInfo, Store
+from replicator.storage.base import ObjectInfo, Store, local_copy
 from replicator.storage.local import LocalStore
 
 log = logging.getLogger(__name__)
@@ -135,14 +133,9 @@ async def copy_object(source: Store, dest: Store, name: str, *, mutable: bool,
                 return 0
         await dest.put_bytes(name, data, create_only=False)
         return len(data)
-    tmp = scratch / ("mirror-" + os.urandom(6).hex())
-    path = await source.fetch_to(name, tmp)
-    if path != tmp and isinstance(dest, LocalStore):
-        # read in place from a local source: copy the bytes, or the local destination would
-        # hard-link the same inode and share every later fault with the source
-        await asyncio.to_thread(shutil.copyfile, path, tmp)
-        path = tmp
-    try:
+    # a private copy for a local destination: it would hard-link a local source's file and
+    # share every later fault with it
+    async with local_copy(source, name, scratch, private=isinstance(dest, LocalStore)) as path:
         size = path.stat().st_size
         try:
             await dest.put_file(name, path, create_only=True)
@@ -153,21 +146,11 @@ async def copy_object(source: Store, dest: Store, name: str, *, mutable: bool,
                                  f"source has {size}: not overwritten") from None
             return 0
         return size
-    finally:
-        if path == tmp:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
 
 
 async def sha256_of(store: Store, name: str, scratch: Path) -> str:
-    tmp = scratch / ("hash-" + os.urandom(6).hex())
-    path = await store.fetch_to(name, tmp)
-    try:
+    async with local_copy(store, name, scratch) as path:
         return await asyncio.to_thread(_sha256_file, path)
-    finally:
-        if path == tmp:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
 
 
 def _sha256_file(path: Path) -> str:
