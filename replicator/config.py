@@ -115,6 +115,50 @@ class Objectives:
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 9187
+    #: file of admin API bearer tokens, one per line (``#`` comments allowed); tokens may
+    #: also come from the ``REPLICATOR_ADMIN_TOKENS`` environment variable (comma-separated).
+    #: Without any token, every protected endpoint answers 401.
+    tokens_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionSettings:
+    """Encryption at rest (AES-256-GCM per segment block and per snapshot block).
+
+    Keys come from ``key_file`` (one key per line: 64 hex digits or base64 of 32 bytes) or
+    from the environment variable named by ``key_env`` (comma-separated). The first key
+    encrypts; every listed key decrypts (rotation: put the new key first, keep the old ones
+    while data written with them is retained). The key id written into each file is a
+    fingerprint of the key, never the key.
+    """
+
+    enabled: bool = False
+    key_file: Path | None = None
+    key_env: str = "REPLICATOR_DATA_KEYS"
+
+
+@dataclass(frozen=True, slots=True)
+class DrillSettings:
+    """Scheduled disaster-recovery drills run by the service (``replicator drill``)."""
+
+    enabled: bool = True
+    interval_s: float = 86400.0
+    #: ``latest`` or ``random`` (a random point inside the restorable window)
+    at: str = "latest"
+    #: scratch target URL; empty: a temporary SQLite database, removed afterwards
+    target: str = ""
+    #: drill reports kept under ``<data_dir>/drills/``
+    keep: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class VerifySettings:
+    """Incremental verification (``replicator verify``)."""
+
+    #: fraction of already-verified files re-checked on each run (rotating sample)
+    sample_fraction: float = 0.05
+    #: at least this many already-verified files are re-checked on each run
+    sample_min: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +201,9 @@ class Config:
     compaction: CompactionSettings = field(default_factory=CompactionSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     destinations: tuple[DestinationSettings, ...] = ()
+    encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
+    drill: DrillSettings = field(default_factory=DrillSettings)
+    verify: VerifySettings = field(default_factory=VerifySettings)
 
     @property
     def store_url(self) -> str:
@@ -171,6 +218,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "compaction": CompactionSettings,
     "retention": RetentionSettings,
+    "encryption": EncryptionSettings,
+    "drill": DrillSettings,
+    "verify": VerifySettings,
 }
 
 
@@ -204,7 +254,7 @@ def _coerce(setting: str, target: Any, value: Any, from_env: bool) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError("expected a list of strings")
             return tuple(value)
-        if isinstance(target, Path) or (target is None and setting.endswith("_dir")):
+        if isinstance(target, Path) or (target is None and setting.endswith(("_dir", "_file"))):
             if not isinstance(value, str):
                 raise TypeError(type(value).__name__)
             return Path(value) if value else None
@@ -352,3 +402,17 @@ def validate(cfg: Config) -> None:
         open_store(dest.url)  # scheme and URL checks; no I/O
     if not 0 <= cfg.server.port <= 65535:
         raise ConfigError("server.port", "must be 0..65535")
+    d, v = cfg.drill, cfg.verify
+    if d.interval_s <= 0:
+        raise ConfigError("drill.interval_s", "must be positive")
+    if d.at not in ("latest", "random"):
+        raise ConfigError("drill.at", f"must be 'latest' or 'random', got {d.at!r}")
+    if d.keep < 1:
+        raise ConfigError("drill.keep", "must be at least 1")
+    if not 0 <= v.sample_fraction <= 1:
+        raise ConfigError("verify.sample_fraction", "must be between 0 and 1")
+    if v.sample_min < 0:
+        raise ConfigError("verify.sample_min", "must not be negative")
+    if not cfg.encryption.key_env or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*",
+                                                      cfg.encryption.key_env):
+        raise ConfigError("encryption.key_env", "must be an environment variable name")
