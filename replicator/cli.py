@@ -213,6 +213,15 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool,
     await ingestor.start()
     server: HealthServer | None = None
     if cfg.server.port:
+        from replicator.auth import server_tokens
+        from replicator.ops.jobs import RestoreJobs
+        from replicator.ops.status import backups_document, collect_status
+
+        try:
+            tokens = server_tokens(cfg.server.tokens_file, cfg.ingest.data_dir)
+        except ReplicatorError:
+            await ingestor.stop()
+            raise
         server = HealthServer(
             metrics=ingestor.metrics,
             host=cfg.server.host,
@@ -221,6 +230,10 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool,
             ready=lambda: ingestor.ready,
             tail=ingestor.tail,
             destinations=(ingestor.fanout.status if ingestor.fanout is not None else None),
+            tokens=tokens,
+            status=lambda: collect_status(cfg),
+            backups=lambda: backups_document(cfg),
+            jobs=RestoreJobs(data_dir=cfg.ingest.data_dir, config_path=config_path),
         )
         try:
             await server.start()
@@ -255,6 +268,14 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool,
                               on_written=(ingestor.fanout.reconcile_soon
                                           if ingestor.fanout is not None else None))
         tasks.append(asyncio.create_task(scheduler.run(stop), name="backup-schedule"))
+    if cfg.drill.enabled:
+        from replicator.ops.drill_schedule import DrillScheduler
+
+        first_topic = cfg.kafka.topics[0]
+        drills = DrillScheduler(settings=cfg.drill, data_dir=cfg.ingest.data_dir,
+                                metrics=ingestor.metrics, config_path=config_path,
+                                is_leader=lambda: ingestor.owns(first_topic, 0))
+        tasks.append(asyncio.create_task(drills.run(stop), name="drill-schedule"))
     display = _Progress(ingestor, published) if show_progress else None
     stopper = asyncio.create_task(stop.wait())
     code = EXIT_OK
@@ -275,7 +296,7 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool,
             for t in failed:
                 tasks.remove(t)
                 failure = t.exception()
-                if t.get_name() in ("demo-publisher", "backup-schedule"):
+                if t.get_name() in ("demo-publisher", "backup-schedule", "drill-schedule"):
                     # neither the demo nor the snapshot schedule may stop the backup
                     log.error("%s stopped: %s", t.get_name(), failure)
                     continue
@@ -584,4 +605,4 @@ if __name__ == "__main__":
 
 
 # restore, backups, get, history, export, compact, retention: registered on ``main``
-from replicator import cli_compact, cli_replicas, cli_restore  # noqa: E402,F401
+from replicator import cli_compact, cli_ops, cli_replicas, cli_restore  # noqa: E402,F401

@@ -84,49 +84,6 @@ def default_live(cfg: Any) -> tuple[str, ...]:
     return (f"http://{cfg.server.host}:{cfg.server.port}",) if cfg.server.port else ()
 
 
-async def destination_rows(cfg: Any) -> list[dict[str, Any]]:
-    """Per destination (the primary first): what it holds, its backlog against the primary,
-    offsets behind per partition, newest restorable time and the RPO it gives now. A
-    destination that cannot be read is a row with ``up: false`` and the error."""
-    from replicator.destinations import coverage, offsets_behind
-    from replicator.storage.base import open_store
-    from replicator.storage.mirror import plan_mirror
-
-    named = [("primary", cfg.store_url, True)] + [
-        (d.name, d.url, d.required) for d in cfg.destinations]
-    primary = open_store(cfg.store_url)
-    out: list[dict[str, Any]] = []
-    try:
-        p_objs = await primary.list()
-        p_cov = await coverage(primary, p_objs)
-        now = int(time.time() * 1000)
-        for name, url, required in named:
-            store = primary if name == "primary" else open_store(url)
-            row: dict[str, Any] = {"name": name, "url": store.url, "required": required}
-            try:
-                objs = p_objs if store is primary else await store.list()
-                cov = p_cov if store is primary else await coverage(store, objs)
-                plan = plan_mirror(p_objs, objs)
-                behind = offsets_behind(p_cov.ends, cov.ends)
-                rpo = (None if cov.newest_ms is None
-                       else round(max(0.0, (now - cov.newest_ms) / 1e3), 3))
-                row.update(up=True, objects=cov.objects, bytes=cov.bytes,
-                           backlog_objects=len(plan.missing),
-                           backlog_bytes=plan.missing_bytes, behind_offsets=behind,
-                           newest_restorable_ms=cov.newest_ms, rpo_s=rpo,
-                           rpo_met=rpo is not None and rpo <= cfg.objectives.rpo_s,
-                           conflicts=len(plan.conflicts))
-            except Exception as exc:  # one destination down is a row, not a failure
-                row.update(up=False, error=str(exc))
-            finally:
-                if store is not primary:
-                    await store.close()
-            out.append(row)
-    finally:
-        await primary.close()
-    return out
-
-
 def print_destinations(rows: list[dict[str, Any]], rpo_objective_s: float) -> None:
     for r in rows:
         req = "required" if r["required"] else "optional"
@@ -152,49 +109,14 @@ def destinations_cmd(ctx: click.Context, as_json: bool) -> None:
     behind the primary it is and the RPO it gives right now (age of its newest restorable
     point). Reads the stores directly; the running service shows its live queues at
     /v1/destinations."""
+    from replicator.ops.status import destination_rows
+
     cfg = _config(ctx)
     rows = _run(destination_rows(cfg))
     if as_json:
         _dump({"destinations": rows, "rpo_objective_s": cfg.objectives.rpo_s})
         return
     print_destinations(rows, cfg.objectives.rpo_s)
-
-
-@main.command("status")
-@click.option("--follower", "followers", multiple=True,
-              help="Also show this replica's applied position and lag (repeatable).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-@click.pass_context
-def status_cmd(ctx: click.Context, followers: tuple[str, ...], as_json: bool) -> None:
-    """Where the backups stand: per destination the backlog and the RPO it gives now, and
-    per follower (--follower URL) its position and lag. Exit 0 when every destination is
-    up and meets objectives.rpo_s, else 10."""
-    from replicator.follow import follower_status, open_replica
-    from replicator.storage.base import open_store
-
-    cfg = _config(ctx)
-
-    async def go() -> dict[str, Any]:
-        rows = await destination_rows(cfg)
-        live = default_live(cfg)
-        fol = [await follower_status(open_store(cfg.store_url), open_replica(u, read_only=True),
-                                     list(cfg.kafka.topics), live) for u in followers]
-        return {"destinations": rows, "followers": fol,
-                "rpo_objective_s": cfg.objectives.rpo_s}
-
-    doc = _run(go())
-    ok = all(r["up"] and r["rpo_met"] for r in doc["destinations"])
-    if as_json:
-        _dump({**doc, "ok": ok})
-    else:
-        click.echo("destinations:")
-        print_destinations(doc["destinations"], cfg.objectives.rpo_s)
-        for f in doc["followers"]:
-            click.echo(f"follower {f['target']}: "
-                       + ("bootstrapped" if f["bootstrapped"] else "NOT bootstrapped")
-                       + f", lag {f['lag_events']} events, {f['lag_s']:.1f}s")
-    if not ok:
-        raise SystemExit(10)
 
 
 @main.command()
@@ -230,6 +152,7 @@ def follow(ctx: click.Context, target_url: str, live: tuple[str, ...], no_live: 
     import asyncio
     import signal
 
+    from replicator.auth import client_token
     from replicator.cli_restore import _registry
     from replicator.follow import Follower, follower_status, open_replica
     from replicator.storage.base import open_store
@@ -237,9 +160,11 @@ def follow(ctx: click.Context, target_url: str, live: tuple[str, ...], no_live: 
     cfg = _config(ctx)
     topics = list(cfg.kafka.topics)
     live = () if no_live else (live or default_live(cfg))
+    token = client_token(cfg.server.tokens_file, cfg.ingest.data_dir)
     if status_only:
         replica = open_replica(target_url, read_only=True)
-        doc = _run(follower_status(open_store(cfg.store_url), replica, topics, live))
+        doc = _run(follower_status(open_store(cfg.store_url), replica, topics, live,
+                                   token=token))
         if as_json:
             _dump(doc)
             return
@@ -270,7 +195,8 @@ def follow(ctx: click.Context, target_url: str, live: tuple[str, ...], no_live: 
 
         follower = Follower(store=open_store(cfg.store_url), replica=open_replica(target_url),
                             registry=reg, topics=topics, live=live, poll_s=poll_s,
-                            archive_url=cfg.retention.archive_url, on_batch=on_batch)
+                            archive_url=cfg.retention.archive_url, on_batch=on_batch,
+                            token=token)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, follower.request_stop)

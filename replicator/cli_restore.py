@@ -104,9 +104,10 @@ def _print_plan(plan: RestorePlan) -> None:
 @click.option("--offsets", "offsets_text",
               help="Instead of --at: topic:partition:end_offset,... (exclusive end; every "
                    "partition of the topics named).")
-@click.option("--target", "target_url",
+@click.option("--target", "target_url", envvar="REPLICATOR_RESTORE_TARGET",
               help=f"Where to restore: {SCHEMES}. Default: a new SQLite file under "
-                   "<data_dir>/restores/.")
+                   "<data_dir>/restores/. May come from REPLICATOR_RESTORE_TARGET instead "
+                   "(keeps a password off the command line).")
 @click.option("--entities", help="Comma-separated entities (default: all).")
 @click.option("--keys", help="Comma-separated record keys: restore only these.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; read and write nothing.")

@@ -77,3 +77,15 @@ class Metrics:
             "replicator_destination_errors", "Failed copies to a destination (retried)",
             ["destination"], registry=r,
         )
+        self.drill_ok = Gauge(
+            "replicator_drill_ok", "1 when the last disaster-recovery drill restored and "
+            "verified, 0 when it failed", registry=r)
+        self.drill_timestamp = Gauge(
+            "replicator_drill_timestamp_seconds", "When the last drill ran (unix seconds)",
+            registry=r)
+        self.drill_rto = Gauge(
+            "replicator_drill_rto_seconds", "Restore time measured by the last drill, "
+            "extrapolated to the full data size", registry=r)
+        self.drill_rpo = Gauge(
+            "replicator_drill_rpo_seconds", "Age of the newest restorable point when the "
+            "last drill ran", registry=r)

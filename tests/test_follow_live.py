@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 import pytest
 
+from replicator.auth import client_token
 from replicator.follow import Follower, follower_status, open_replica
 from replicator.schemas import SchemaRegistry
 from replicator.storage.local import LocalStore
@@ -148,8 +149,12 @@ async def test_follower_tails_live_and_survives_sigkill_loop(
         reg = SchemaRegistry.load()
         # the endpoint listed twice: two answers for one partition (as in a rebalance
         # overlap) must not apply a change twice nor move a position back
+        # the service made its admin token at start; the CLI follower found it through the
+        # config, this one is handed it
+        token = client_token(None, data_dir, env={})
+        assert token is not None
         f = Follower(store=store, replica=open_replica(f"sqlite://{db}"), registry=reg,
-                     topics=ENTITIES, live=[live, live], poll_s=0.2)
+                     topics=ENTITIES, live=[live, live], poll_s=0.2, token=token)
         async with f:
             task = asyncio.create_task(f.run())
             try:
@@ -174,7 +179,7 @@ async def test_follower_tails_live_and_survives_sigkill_loop(
         check_positions_cover_rows(db)
         st = await follower_status(LocalStore(root=data_dir / "store"),
                                    open_replica(f"sqlite://{db}", read_only=True),
-                                   list(ENTITIES), [live])
+                                   list(ENTITIES), [live], token=token)
         assert st["bootstrapped"] and st["lag_events"] == 0, st
         assert {(r["topic"], r["partition"]): r["durable_end"] for r in st["partitions"]} == {
             tp: e for tp, e in ends.items()}, st  # the service's durable ends, from the tail

@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from replicator.auth import Tokens
 from replicator.metrics import Metrics
 from replicator.server import HealthServer
 from replicator.spool import Spool, SpoolSettings
@@ -23,11 +24,13 @@ async def test_metrics_health_and_readiness() -> None:
     metrics.fsync_seconds.observe(0.003)
     state = {"ready": False}
     server = HealthServer(metrics=metrics, host="127.0.0.1", port=0, healthy=lambda: True,
-                          ready=lambda: state["ready"])
+                          ready=lambda: state["ready"],
+                          tokens=Tokens((b"metrics-scraper-token-0001",), "test"))
     await server.start()
     try:
         base = f"http://127.0.0.1:{server.port}"
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(
+                headers={"Authorization": "Bearer metrics-scraper-token-0001"}) as http:
             async with http.get(f"{base}/metrics") as r:
                 text = await r.text()
                 assert r.status == 200

@@ -148,8 +148,11 @@ class Follower:
         max_batch: int = 20_000, archive_url: str = "", live_interval_s: float = 0.1,
         apply_interval_s: float = 0.3,
         on_batch: Callable[[Follower], None] | None = None,
+        token: str | None = None,
     ) -> None:
         self.store = store
+        #: bearer token presented to the live endpoints (never logged)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.replica = replica
         self.registry = registry
         self.topic_entities = {t: t for t in topics if t in registry.entities}
@@ -274,7 +277,8 @@ class Follower:
         import aiohttp
 
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40))
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40),
+                                               headers=self._headers)
         chunks: list[Chunk] = []
         state: dict[TP, tuple[int, int | None]] = {}
         starts = dict(wanted)
@@ -480,13 +484,16 @@ class Follower:
             read[tp] = segs[0].start
 
 
-async def live_ends(live: Sequence[str], tps: Sequence[TP]) -> dict[TP, int]:
+async def live_ends(live: Sequence[str], tps: Sequence[TP], token: str | None = None
+                    ) -> dict[TP, int]:
     """Durable end offsets the running replicator(s) report (``head=1``: no blocks)."""
     import aiohttp
 
     out: dict[TP, int] = {}
     params = [("p", f"{t}:{p}:0") for t, p in tps] + [("head", "1")]
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5),
+                                     headers=headers) as http:
         for base in live:
             try:
                 async with http.get(f"{base.rstrip('/')}/v1/tail", params=params) as r:
@@ -500,7 +507,8 @@ async def live_ends(live: Sequence[str], tps: Sequence[TP]) -> dict[TP, int]:
 
 
 async def follower_status(store: Store, replica: Replica, topics: Sequence[str],
-                          live: Sequence[str] = ()) -> dict[str, Any]:
+                          live: Sequence[str] = (), *, token: str | None = None
+                          ) -> dict[str, Any]:
     """Applied position per partition and the lag: in events, against the newest end known
     (the store's contiguous segments, or the durable end a live endpoint reports); in
     seconds, now minus the newest applied record's time (0 when caught up)."""
@@ -513,7 +521,7 @@ async def follower_status(store: Store, replica: Replica, topics: Sequence[str],
         await replica.close()
     cov = await coverage(store)
     tps = sorted(tp for tp in set(cov.ends) | set(positions or {}) if tp[0] in topics)
-    durable = await live_ends(live, tps) if live else {}
+    durable = await live_ends(live, tps, token) if live else {}
     now = int(time.time() * 1000)
     rows: list[dict[str, Any]] = []
     for tp in tps:

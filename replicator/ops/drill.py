@@ -1,0 +1,243 @@
+"""Disaster-recovery drill: restore into a scratch target, verify, measure, report, clean up.
+
+A drill is a real restore (:func:`~replicator.restore.runner.execute_restore`, digest
+verified) from the store alone — the spool is left out, as it would be lost with the
+machine — into a scratch target that is removed afterwards: a temporary SQLite file by
+default, or a fresh ``drill_<id>`` schema of a PostgreSQL database.
+
+Figures (all in the report):
+
+* ``rto_s`` — wall time of the restore (plan, fetch, replay, load, verify);
+* ``rto_extrapolated_s`` — ``rto_s`` scaled by the bytes a restore of the newest point of
+  every entity reads over the bytes this drill read (restore time grows with what it
+  reads; a drill of ``latest`` needs no scaling);
+* ``rpo_s`` — age of the newest restorable point of the store at the drill's start.
+
+Reports are JSON files ``<data_dir>/drills/<time>-<id>.json``; the newest ``drill.keep`` are
+kept. A failed drill (corrupt backup, digest mismatch, nothing restorable) is a report
+with ``ok: false`` and the error, never an exception the caller must catch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+
+from replicator.config import Config
+from replicator.errors import BadRequestError, ReplicatorError
+from replicator.restore.point import AtTime, Latest, Point, format_ms
+
+DRILLS_DIR = "drills"
+
+
+def drills_dir(data_dir: Path) -> Path:
+    return data_dir / DRILLS_DIR
+
+
+def pick_point(mode: str, oldest_ms: int | None, newest_ms: int | None,
+               rng: random.Random) -> Point:
+    """``latest``, or for ``random`` a uniformly random millisecond of the restorable
+    window ``[oldest_ms, newest_ms]`` (``latest`` when the window is a single point or
+    unknown)."""
+    if mode == "latest" or oldest_ms is None or newest_ms is None or newest_ms <= oldest_ms:
+        return Latest()
+    if mode != "random":
+        raise BadRequestError(f"drill --at: 'latest' or 'random', got {mode!r}")
+    return AtTime(rng.randint(oldest_ms, newest_ms))
+
+
+def extrapolate(seconds: float, drill_bytes: int, full_bytes: int) -> float:
+    """Restore time scaled to the full data size (never below the measured time)."""
+    if drill_bytes <= 0 or full_bytes <= drill_bytes:
+        return seconds
+    return seconds * full_bytes / drill_bytes
+
+
+def scratch_pg_url(url: str, schema: str) -> str:
+    """``url`` with ``schema=<schema>`` (any given schema replaced: a drill never writes
+    into an existing one)."""
+    parts = urlsplit(url)
+    params = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+              if k != "schema"]
+    params.append(("schema", schema))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(params), ""))
+
+
+async def _drop_pg_schema(url: str, schema: str) -> None:
+    import asyncpg
+
+    from replicator.targets.postgres import _q, split_url
+
+    dsn, _schema, _shown = split_url(url)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {_q(schema)} CASCADE")
+    finally:
+        await conn.close()
+
+
+async def run_drill(cfg: Config, *, at: str = "latest", target: str | None = None,
+                    store_url: str | None = None, seed: int | None = None,
+                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run one drill and return its report (also when it failed: ``ok`` false)."""
+    from replicator.catalog import Catalog
+    from replicator.restore.runner import execute_restore, make_plan
+    from replicator.schemas import SchemaRegistry
+    from replicator.snapshot.tiers import Tiers
+    from replicator.storage.base import open_store
+
+    drill_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    started_ms = int(time.time() * 1000)
+    store = open_store(store_url or cfg.store_url)
+    report: dict[str, Any] = {
+        "id": drill_id, "time": format_ms(started_ms), "time_ms": started_ms,
+        "store": store.url, "mode": at, "ok": False, "error": None,
+        "objectives": {"rpo_s": cfg.objectives.rpo_s, "rto_s": cfg.objectives.rto_s},
+    }
+    scratch_dir: Path | None = None
+    pg_cleanup: tuple[str, str] | None = None
+    t0 = time.monotonic()
+    try:
+        reg = SchemaRegistry.load(cfg.ingest.schemas_dir)
+        cat = Catalog(store=store)  # store only: the spool is lost with the machine
+        tiers = Tiers.for_store(store, cfg.retention.archive_url)
+        topics = list(cfg.kafka.topics)
+        latest = await make_plan(cat, reg, topics, Latest(), tiers=tiers)
+        point = pick_point(at, latest.window.oldest_ms, latest.at_ms, random.Random(seed))
+        plan = latest if isinstance(point, Latest) else await make_plan(
+            cat, reg, topics, point, tiers=tiers)
+        report["at"] = format_ms(plan.at_ms) if plan.at_ms is not None else None
+        report["rpo_s"] = (None if latest.at_ms is None
+                           else round(max(0.0, (started_ms - latest.at_ms) / 1e3), 3))
+        if target is None or target == "":
+            scratch_dir = Path(tempfile.mkdtemp(prefix="replicator-drill-"))
+            url = f"sqlite://{scratch_dir / 'drill.db'}"
+            report["target"] = "temporary SQLite database"
+        elif target.startswith(("postgresql://", "postgres://")):
+            schema = "drill_" + drill_id.lower().replace("-", "_")
+            url = scratch_pg_url(target, schema)
+            pg_cleanup = (url, schema)
+            from replicator.targets.postgres import split_url
+
+            report["target"] = f"{split_url(url)[2]} (schema {schema})"
+        else:
+            raise BadRequestError("drill --target: a postgresql:// URL (a scratch schema "
+                                  "is created and dropped), or nothing for a temporary "
+                                  "SQLite database")
+        restore = await execute_restore(cat, reg, plan, url, progress=progress, tiers=tiers)
+        seconds = time.monotonic() - t0
+        rows = {r.entity: r.rows for r in restore.results}
+        report.update(
+            ok=True, rto_s=round(seconds, 3),
+            rto_extrapolated_s=round(extrapolate(seconds, plan.bytes, latest.bytes), 3),
+            bytes_read=plan.bytes, full_bytes=latest.bytes, events=restore.events,
+            rows=rows, digests={r.entity: r.actual.hex for r in restore.results},
+            replay_seconds=round(restore.replay_seconds, 3),
+            load_seconds=round(restore.load_seconds, 3),
+            snapshots=[m.id for m in plan.snapshots])
+    except ReplicatorError as exc:
+        report.update(ok=False, error=str(exc), error_type=type(exc).__name__,
+                      rto_s=round(time.monotonic() - t0, 3))
+    finally:
+        await store.close()
+        if scratch_dir is not None:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
+        if pg_cleanup is not None:
+            with contextlib.suppress(Exception):
+                await _drop_pg_schema(*pg_cleanup)
+    report["rto_met"] = bool(report["ok"]) and (
+        report.get("rto_extrapolated_s", 0) <= cfg.objectives.rto_s)
+    rpo = report.get("rpo_s")
+    report["rpo_met"] = rpo is not None and rpo <= cfg.objectives.rpo_s
+    return report
+
+
+def save_report(data_dir: Path, report: dict[str, Any], keep: int) -> Path:
+    """Write ``report`` atomically under ``<data_dir>/drills/``; prune to the newest
+    ``keep``."""
+    d = drills_dir(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{report['id']}.json"
+    tmp = d / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
+    with tmp.open("wb") as f:
+        f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    reports = sorted(p for p in d.glob("*.json"))
+    for old in reports[:-keep]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+    return path
+
+
+def load_history(data_dir: Path) -> list[dict[str, Any]]:
+    """Every kept drill report, oldest first (unreadable files are skipped)."""
+    out: list[dict[str, Any]] = []
+    d = drills_dir(data_dir)
+    if not d.is_dir():
+        return out
+    for p in sorted(d.glob("*.json")):
+        try:
+            doc = orjson.loads(p.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if isinstance(doc, dict) and "id" in doc:
+            out.append(doc)
+    out.sort(key=lambda r: r.get("time_ms", 0))
+    return out
+
+
+_BARS = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float | None]) -> str:
+    """One character per value, scaled to the largest (``×`` for a failed drill)."""
+    real = [v for v in values if v is not None]
+    top = max(real, default=0.0) or 1.0
+    return "".join("×" if v is None else _BARS[min(8, max(1, round(v / top * 8)))]
+                   for v in values)
+
+
+def render(report: dict[str, Any], history: Sequence[dict[str, Any]]) -> str:
+    """The human report: verdict, figures against the objectives, and a chart of the last
+    drills' RTO and RPO."""
+    obj = report["objectives"]
+    lines = [f"drill {report['id']} at {report.get('at') or report['mode']} from "
+             f"{report['store']} into {report.get('target', '-')}"]
+    if report["ok"]:
+        for entity in sorted(report.get("rows", {})):
+            lines.append(f"  {entity}: {report['rows'][entity]:,} rows, digest "
+                         f"{report['digests'][entity][:12]}…, ok")
+        lines.append(
+            f"  RTO {report['rto_s']:.2f}s measured, {report['rto_extrapolated_s']:.2f}s "
+            f"for the full data ({report['full_bytes']:,} bytes): "
+            f"{'met' if report['rto_met'] else 'MISSED'} (objective {obj['rto_s']:g}s)")
+    else:
+        lines.append(f"  FAILED: {report['error']}")
+    rpo = report.get("rpo_s")
+    lines.append("  RPO " + ("n/a" if rpo is None else f"{rpo:.1f}s") + ": "
+                 + ("met" if report["rpo_met"] else "MISSED")
+                 + f" (objective {obj['rpo_s']:g}s)")
+    recent = list(history)[-30:]
+    if recent:
+        rto = [r.get("rto_extrapolated_s") if r.get("ok") else None for r in recent]
+        rpos = [r.get("rpo_s") for r in recent]
+        fails = sum(1 for r in recent if not r.get("ok"))
+        top_rto = max((v for v in rto if v is not None), default=0.0)
+        top_rpo = max((v for v in rpos if v is not None), default=0.0)
+        lines.append(f"last {len(recent)} drills ({fails} failed):")
+        lines.append(f"  RTO {sparkline(rto)}  max {top_rto:.2f}s")
+        lines.append(f"  RPO {sparkline(rpos)}  max {top_rpo:.1f}s")
+    return "\n".join(lines)
