@@ -138,13 +138,11 @@ async def broker_positions(cfg: Config, durable: Mapping[TP, int], *,
         raise BrokerError(f"broker {cfg.kafka.bootstrap_servers} unreachable: "
                           f"{exc or type(exc).__name__}") from None
     try:
-        tps: list[TopicPartition] = []
-        for topic in cfg.kafka.topics:
-            parts = consumer.partitions_for_topic(topic)
-            if parts is None:
-                await consumer.topics()  # refresh metadata once
-                parts = consumer.partitions_for_topic(topic)
-            tps.extend(TopicPartition(topic, p) for p in sorted(parts or ()))
+        # every topic's partitions in one metadata request (the client's public view only
+        # covers subscribed topics)
+        cluster = await asyncio.wait_for(consumer._client.fetch_all_metadata(), timeout_s)
+        tps = [TopicPartition(topic, p) for topic in cfg.kafka.topics
+               for p in sorted(cluster.partitions_for_topic(topic) or ())]
         if not tps:
             return {}
         ends = await asyncio.wait_for(consumer.end_offsets(tps), timeout_s)

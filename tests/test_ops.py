@@ -1,0 +1,218 @@
+"""Operators' commands: ``drill`` (a real restore into scratch, measured, reported, cleaned
+up; a corrupted backup must fail it), ``status`` (objectives judged from real figures,
+including the broker's view of what is not yet durable) and the drill schedule."""
+
+from __future__ import annotations
+
+import glob
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from replicator.config import load_config
+from replicator.metrics import Metrics
+from replicator.ops.drill import (
+    extrapolate,
+    load_history,
+    pick_point,
+    render,
+    run_drill,
+    save_report,
+    scratch_pg_url,
+    sparkline,
+)
+from replicator.ops.drill_schedule import FIRST_DELAY_S, DrillScheduler, drill_due
+from replicator.ops.status import assess, collect_status, verdict
+from replicator.restore.point import AtTime, Latest
+from tests.helpers import create_topics, publish_demo, unique
+from tests.restore_history import History, Oracle, build_history
+from tests.test_restore_cli import cli, write_config
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> History:
+    return build_history(tmp_path_factory.mktemp("ops-hist"), events=3000, seed=11)
+
+
+def _config(tmp_path: Path, store: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    return write_config(tmp_path / "replicator.toml", store, data)
+
+
+def _scratch_leftovers() -> set[str]:
+    return set(glob.glob(str(Path(tempfile.gettempdir()) / "replicator-drill-*")))
+
+
+# -- pure parts --------------------------------------------------------------------------
+
+
+def test_objective_states_and_exit_code() -> None:
+    assert assess(None, 3600)["state"] == "unknown"
+    assert assess(2700, 3600)["state"] == "met"  # 75 % is still met
+    assert assess(2701, 3600)["state"] == "at risk"
+    assert assess(3600, 3600)["state"] == "at risk"
+    assert assess(3601, 3600)["state"] == "missed"
+
+    def doc(*states: str, up: bool = True) -> dict[str, Any]:
+        return {"objectives": {str(i): {"state": s} for i, s in enumerate(states)},
+                "store": {"up": up}, "destinations": [{"up": True}]}
+
+    assert verdict(doc("met", "met")) == 0
+    assert verdict(doc("met", "at risk")) == 11
+    assert verdict(doc("met", "unknown")) == 11
+    assert verdict(doc("at risk", "missed")) == 10
+    assert verdict(doc("met", up=False)) == 10
+
+
+def test_drill_point_and_extrapolation() -> None:
+    rng = random.Random(1)
+    assert isinstance(pick_point("latest", 1000, 2000, rng), Latest)
+    pts = [pick_point("random", 1000, 2000, rng) for _ in range(200)]
+    assert all(isinstance(p, AtTime) and 1000 <= p.ts_ms <= 2000 for p in pts)
+    assert len({p.ts_ms for p in pts if isinstance(p, AtTime)}) > 100
+    assert isinstance(pick_point("random", None, 2000, rng), Latest)  # no window: latest
+    assert extrapolate(2.0, 100, 400) == 8.0
+    assert extrapolate(2.0, 400, 100) == 2.0  # never below the measured time
+    assert extrapolate(2.0, 0, 100) == 2.0
+    url = scratch_pg_url("postgresql://u@h:5/db?schema=prod&sslmode=disable", "drill_x")
+    assert url == "postgresql://u@h:5/db?sslmode=disable&schema=drill_x"
+    assert sparkline([1.0, 2.0, None, 4.0]) == "▂▄×█"
+
+
+def test_drill_schedule_is_due() -> None:
+    start = 1_000_000
+    assert not drill_due(start + 1000, None, 86400, start)
+    assert drill_due(start + int(FIRST_DELAY_S * 1000), None, 86400, start)
+    assert drill_due(start + 30_000, None, 30, start)  # a short interval comes first
+    assert not drill_due(start + 3_600_000, start, 86400, start)
+    assert drill_due(start + 86_400_000, start, 86400, start)
+
+
+# -- drills over a real (synthetic) backup ------------------------------------------------
+
+
+async def test_drill_restores_verifies_measures_and_cleans_up(
+        tmp_path: Path, history: History) -> None:
+    cfg = load_config(_config(tmp_path, history.store_root), env={})
+    before = _scratch_leftovers()
+    report = await run_drill(cfg, at="latest")
+    assert report["ok"] is True, report
+    oracle = Oracle(history)
+    assert report["rows"] == {e: len(oracle.state(e)) for e in
+                              ("attendance", "participant", "config")}
+    assert report["rto_s"] > 0 and report["rto_extrapolated_s"] == report["rto_s"]
+    assert report["bytes_read"] == report["full_bytes"] > 0
+    assert report["rpo_s"] == pytest.approx((report["time_ms"] - history.newest_ms) / 1e3,
+                                            abs=0.01)
+    assert report["rto_met"] is True and report["rpo_met"] is False  # an old history
+    assert _scratch_leftovers() == before  # the temporary database is gone
+    rnd = await run_drill(cfg, at="random", seed=4)
+    assert rnd["ok"] is True and rnd["at"] != report["at"]
+    assert rnd["bytes_read"] <= rnd["full_bytes"]
+    assert rnd["rto_extrapolated_s"] >= rnd["rto_s"]
+    for r in (report, rnd):
+        save_report(cfg.ingest.data_dir, r, keep=1)
+    kept = load_history(cfg.ingest.data_dir)
+    assert [r["id"] for r in kept] == [rnd["id"]]  # keep=1 pruned the older one
+    text = render(rnd, kept)
+    assert "attendance:" in text and "RTO" in text and "last 1 drills" in text
+
+
+def test_drill_command_detects_a_corrupted_backup(tmp_path: Path, history: History) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(history.store_root, store)
+    config = _config(tmp_path, store)
+    ok = cli(config, "drill", "--json")
+    assert ok.returncode == 12, ok.stderr  # restored and verified, but the RPO is missed
+    assert orjson.loads(ok.stdout)["ok"] is True
+    victim = sorted(store.rglob("*.seg"))[len(list(store.rglob("*.seg"))) // 2]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 3] ^= 0x5A
+    victim.write_bytes(bytes(raw))
+    bad = cli(config, "drill", "--json")
+    assert bad.returncode == 4, (bad.returncode, bad.stderr)  # corrupt backup
+    report = orjson.loads(bad.stdout)
+    assert report["ok"] is False and victim.name in report["error"]
+    human = cli(config, "drill")
+    assert human.returncode == 4 and "FAILED" in human.stdout and "×" in human.stdout
+    # status turns the failed drill into a missed RTO objective
+    st = cli(config, "status", "--no-broker", "--json")
+    doc = orjson.loads(st.stdout)
+    assert doc["objectives"]["rto"]["state"] == "missed" and st.returncode == 10
+    assert doc["last_drill"]["ok"] is False
+
+
+async def test_drill_into_a_postgres_scratch_schema_is_dropped(
+        tmp_path: Path, history: History, pg_dsn: str) -> None:
+    cfg = load_config(_config(tmp_path, history.store_root), env={})
+    report = await run_drill(cfg, target=pg_dsn + "?schema=must_not_be_used")
+    assert report["ok"] is True, report
+    schema = report["target"].rsplit("schema ", 1)[1].rstrip(")")
+    assert schema.startswith("drill_")
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        left = await conn.fetch("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'drill_%'"
+                                " OR nspname = 'must_not_be_used'")
+    finally:
+        await conn.close()
+    assert left == []
+    assert "password" not in orjson.dumps(report).decode()
+
+
+async def test_scheduled_drill_runs_the_command_and_exports_metrics(
+        tmp_path: Path, history: History) -> None:
+    config = _config(tmp_path, history.store_root)
+    metrics = Metrics()
+    sched = DrillScheduler(settings=load_config(config, env={}).drill,
+                           data_dir=tmp_path / "data", metrics=metrics, config_path=config)
+    report = await sched.run_one()
+    assert report is not None and report["ok"] is True
+    assert metrics.drill_ok._value.get() == 1
+    assert metrics.drill_rto._value.get() == report["rto_extrapolated_s"]
+    assert metrics.drill_rpo._value.get() == report["rpo_s"]
+    # the report was kept: a restarted scheduler starts from it instead of drilling at once
+    again = DrillScheduler(settings=load_config(config, env={}).drill,
+                           data_dir=tmp_path / "data", metrics=Metrics(), config_path=config)
+    assert again.last is not None and again.last["id"] == report["id"]
+
+
+# -- status against a real broker -------------------------------------------------------
+
+
+async def test_status_reports_lag_and_the_rpo_of_events_not_yet_durable(
+        tmp_path: Path, kafka_bootstrap: str) -> None:
+    entities = ("attendance", "participant", "config")
+    topics = {e: unique(e) for e in entities}
+    await create_topics(kafka_bootstrap, list(topics.values()), partitions=2)
+    config = _config(tmp_path, tmp_path / "store")
+    cfg = load_config(config, env={})
+    cfg = replace(cfg, kafka=replace(cfg.kafka, bootstrap_servers=kafka_bootstrap,
+                                     topics=tuple(topics.values())))
+    t0 = int(time.time() * 1000)
+    await publish_demo(kafka_bootstrap, topics, 300, seed=2)
+    time.sleep(0.2)
+    doc = await collect_status(cfg)
+    assert doc["broker"]["up"] is True
+    assert len(doc["partitions"]) == 6
+    assert sum(p["lag"] for p in doc["partitions"]) == 300  # nothing durable yet
+    assert all(p["durable_offset"] == 0 for p in doc["partitions"])
+    rpo = doc["objectives"]["rpo_local"]["value_s"]
+    now = int(time.time() * 1000)
+    assert 0.2 <= rpo <= (now - t0) / 1e3 + 1  # age of the oldest pending event
+    assert doc["objectives"]["rpo_local"]["state"] == "met"
+    assert doc["objectives"]["rto"]["state"] == "unknown"  # no drill yet
+    assert doc["exit_code"] == 11
+    # an unreachable broker is a figure we do not have, never "met"
+    down = replace(cfg, kafka=replace(cfg.kafka, bootstrap_servers="127.0.0.1:1"))
+    doc = await collect_status(down)
+    assert doc["broker"]["up"] is False and "unreachable" in doc["broker"]["error"]
+    assert doc["objectives"]["rpo_local"]["state"] == "unknown"
