@@ -225,3 +225,45 @@ def _drill_failure_code(error_type: str) -> int:
     if not (isinstance(cls, type) and issubclass(cls, errors.ReplicatorError)):
         cls = errors.ReplicatorError
     return _exit_code(cls.__new__(cls))
+
+
+@main.command("plan")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.pass_context
+def plan_cmd(ctx: click.Context, as_json: bool) -> None:
+    """The disaster-recovery plan from this configuration and the measured figures:
+    objectives, backup schedule, destinations, the restore time to expect (from the last
+    drill's throughput) and the steps for each scenario, with exact commands."""
+    from replicator.catalog import Catalog
+    from replicator.errors import ReplicatorError
+    from replicator.ops.drill import load_history
+    from replicator.ops.plan import build_plan, render_plan
+    from replicator.restore.point import Latest
+    from replicator.restore.runner import make_plan
+    from replicator.schemas import SchemaRegistry
+    from replicator.snapshot.tiers import Tiers
+    from replicator.storage.base import open_store
+
+    cfg = _config(ctx)
+    path = ctx.ensure_object(dict).get("config_path")
+
+    async def latest() -> tuple[int | None, float | None]:
+        store = open_store(cfg.store_url)
+        try:
+            p = await make_plan(Catalog(store=store), SchemaRegistry.load(
+                cfg.ingest.schemas_dir), list(cfg.kafka.topics), Latest(),
+                tiers=Tiers.for_store(store, cfg.retention.archive_url))
+            return p.bytes, p.seconds_estimate
+        except ReplicatorError:
+            return None, None  # nothing restorable yet: the plan says so
+        finally:
+            await store.close()
+
+    restore_bytes, static = _run(latest())
+    doc = build_plan(cfg, load_history(cfg.ingest.data_dir), restore_bytes=restore_bytes,
+                     static_estimate_s=static,
+                     config_arg=f"--config {path}" if path else "")
+    if as_json:
+        _dump(doc)
+    else:
+        click.echo(render_plan(doc))

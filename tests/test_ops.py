@@ -216,3 +216,30 @@ async def test_status_reports_lag_and_the_rpo_of_events_not_yet_durable(
     doc = await collect_status(down)
     assert doc["broker"]["up"] is False and "unreachable" in doc["broker"]["error"]
     assert doc["objectives"]["rpo_local"]["state"] == "unknown"
+
+
+def test_plan_estimates_from_the_last_good_drill_and_lists_every_scenario(
+        tmp_path: Path, history: History) -> None:
+    from replicator.ops.plan import build_plan, render_plan
+
+    cfg = load_config(_config(tmp_path, history.store_root), env={})
+    drills = [{"id": "a", "ok": True, "rto_s": 10.0, "bytes_read": 50_000_000},
+              {"id": "b", "ok": False, "error": "corrupt segment x"}]
+    doc = build_plan(cfg, drills, restore_bytes=200_000_000, static_estimate_s=3.0,
+                     config_arg="--config /etc/r.toml")
+    est = doc["restore_estimate"]
+    assert est["seconds"] == 40.0 and "drill a" in est["basis"] and est["meets_rto"] is True
+    assert any("last drill failed: corrupt segment x" in w for w in doc["warnings"])
+    assert any("no [[destinations]]" in w for w in doc["warnings"])
+    assert [s["scenario"] for s in doc["scenarios"]] == [
+        "total loss", "data corruption", "partial loss (one entity or some keys)",
+        "the replicator lost its disk", "a destination was lost"]
+    text = render_plan(doc)
+    assert "replicator --config /etc/r.toml restore --at latest" in text
+    assert "--swap-into public" in text and "40s" in text
+    none = build_plan(cfg, [], restore_bytes=None, static_estimate_s=None)
+    assert none["restore_estimate"]["seconds"] is None
+    assert "no drill on record" in " ".join(none["warnings"])
+    res = cli(_config(tmp_path, history.store_root), "plan", "--json")
+    assert res.returncode == 0, res.stderr
+    assert orjson.loads(res.stdout)["restore_estimate"]["restore_bytes"] > 0
