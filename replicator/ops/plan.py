@@ -24,7 +24,10 @@ def scenarios(cfg: Config, config_arg: str) -> list[dict[str, Any]]:
     """Each disaster scenario of the seed and its steps (exact commands)."""
     remote = next((d for d in cfg.destinations), None)
     dr_name = remote.name if remote else None
-    c = lambda *a: _cmd(config_arg, *a)  # noqa: E731 - a local shorthand
+
+    def c(*a: str) -> str:
+        return _cmd(config_arg, *a)
+
     total = [
         "Provision a machine with Python >= 3.11 and replicator installed; copy the "
         "configuration (and the encryption key file, if encryption is on).",
