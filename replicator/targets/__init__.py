@@ -43,4 +43,6 @@ def open_target(url: str, *, restore_id: str, default_schema: str,
             from replicator.targets.jsonl import JsonlTarget
 
             return JsonlTarget(path, restore_id)
-    raise BadRequestError(f"unsupported target {url!r}; use one of: {SCHEMES}")
+    from replicator.redact import redact_url
+
+    raise BadRequestError(f"unsupported target {redact_url(url)!r}; use one of: {SCHEMES}")
