@@ -37,8 +37,10 @@ fi
 export REPLICATOR_KAFKA_BOOTSTRAP_SERVERS="$bootstrap"
 export REPLICATOR_INGEST_DATA_DIR="${REPLICATOR_INGEST_DATA_DIR:-./var/replicator}"
 "$REPLICATOR" topics --partitions 3
-echo "replicator: store ./var/replicator/store, metrics http://127.0.0.1:9187/metrics," \
-     "demo publisher at ${DEMO_RATE} events/s. Ctrl-C to stop." >&2
+echo "replicator: store ./var/replicator/store, demo publisher at ${DEMO_RATE} events/s." \
+     "Admin API and metrics on http://127.0.0.1:9187 (bearer token in" \
+     "${REPLICATOR_INGEST_DATA_DIR}/admin.token, created at start). Ctrl-C to stop." >&2
 "$REPLICATOR" run --demo-rate "$DEMO_RATE" || status=$?
-echo "see what was stored: .venv/bin/replicator segments list" >&2
+echo "see what was stored: .venv/bin/replicator backups list; are the objectives met:" \
+     ".venv/bin/replicator status; rehearse a recovery: .venv/bin/replicator drill" >&2
 exit "${status:-0}"
