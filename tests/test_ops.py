@@ -123,6 +123,9 @@ async def test_drill_restores_verifies_measures_and_cleans_up(
         save_report(cfg.ingest.data_dir, r, keep=1)
     kept = load_history(cfg.ingest.data_dir)
     assert [r["id"] for r in kept] == [rnd["id"]]  # keep=1 pruned the older one
+    drills = cfg.ingest.data_dir / "drills"
+    assert sorted(p.name for p in drills.iterdir()) == [f"{rnd['id']}.json", f"{rnd['id']}.txt"]
+    assert "RTO" in (drills / f"{rnd['id']}.txt").read_text()
     text = render(rnd, kept)
     assert "attendance:" in text and "RTO" in text and "last 1 drills" in text
 

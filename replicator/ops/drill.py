@@ -163,22 +163,30 @@ async def run_drill(cfg: Config, *, at: str = "latest", target: str | None = Non
     return report
 
 
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_report(data_dir: Path, report: dict[str, Any], keep: int) -> Path:
-    """Write ``report`` atomically under ``<data_dir>/drills/``; prune to the newest
+    """Write ``report`` atomically under ``<data_dir>/drills/`` as ``<id>.json`` and the
+    human report (with the chart of the kept drills) as ``<id>.txt``; prune to the newest
     ``keep``."""
     d = drills_dir(data_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{report['id']}.json"
-    tmp = d / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
-    with tmp.open("wb") as f:
-        f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write(path, orjson.dumps(report, option=orjson.OPT_INDENT_2))
     reports = sorted(p for p in d.glob("*.json"))
     for old in reports[:-keep]:
         with contextlib.suppress(OSError):
             old.unlink()
+        with contextlib.suppress(OSError):
+            old.with_suffix(".txt").unlink()
+    _write(path.with_suffix(".txt"), (render(report, load_history(data_dir)) + "\n").encode())
     return path
 
 
