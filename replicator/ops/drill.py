@@ -97,8 +97,10 @@ async def run_drill(cfg: Config, *, at: str = "latest", target: str | None = Non
     from replicator.snapshot.tiers import Tiers
     from replicator.storage.base import open_store
 
-    drill_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     started_ms = int(time.time() * 1000)
+    # sortable by time to the millisecond (pruning keeps the newest by name)
+    drill_id = (time.strftime("%Y%m%dT%H%M%S", time.gmtime(started_ms / 1000))
+                + f"{started_ms % 1000:03d}Z-" + uuid.uuid4().hex[:6])
     store = open_store(store_url or cfg.store_url)
     report: dict[str, Any] = {
         "id": drill_id, "time": format_ms(started_ms), "time_ms": started_ms,
