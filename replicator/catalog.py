@@ -203,41 +203,17 @@ class Catalog:
         # read before listing segments: a segment shipped meanwhile can only add coverage
         stored_ends = await self._stored_ends(topic, problems)
         for name in await self.store_names(topic):
-            seg = naming.parse_segment_name(name)
             try:
                 path = await self._local(name)
-                entry = await asyncio.to_thread(self._verify_one, path, name)
-                entries.append(entry)
-                if (entry.start, entry.end, entry.topic, entry.partition) != (
-                    seg.start,
-                    seg.end,
-                    seg.topic,
-                    seg.partition,
-                ):
-                    problems.append(
-                        Problem(
-                            "corrupt",
-                            name,
-                            seg.topic,
-                            seg.partition,
-                            f"contents cover {entry.topic}[{entry.partition}] "
-                            f"[{entry.start}, {entry.end}), the name says [{seg.start}, {seg.end})",
-                        )
-                    )
-            except CorruptSegmentError as exc:
-                problems.append(
-                    Problem(
-                        "corrupt",
-                        name,
-                        seg.topic,
-                        seg.partition,
-                        exc.reason,
-                        exc.position,
-                        exc.offset,
-                    )
-                )
             except (SegmentError, OSError) as exc:
+                seg = naming.parse_segment_name(name)
                 problems.append(Problem("unreadable", name, seg.topic, seg.partition, str(exc)))
+                continue
+            entry, problem = await asyncio.to_thread(check_segment_file, path, name)
+            if entry is not None:
+                entries.append(entry)
+            if problem is not None:
+                problems.append(problem)
         names = await self.store_names(topic)
         problems.extend(find_gaps(names))
         problems.extend(find_missing_tails(names, stored_ends))
@@ -282,11 +258,32 @@ class Catalog:
             if d["stored_end"] is not None  # an idle partition that never had a segment
         }
 
-    @staticmethod
-    def _verify_one(path: Path, name: str) -> SegmentEntry:
+
+def check_segment_file(path: Path, name: str) -> tuple[SegmentEntry | None, Problem | None]:
+    """Verify one stored segment (a local copy at ``path`` of the store object ``name``):
+    every block's checksum, decompression, record framing and offset chain, and that the
+    contents cover what the name says. Blocking (run it in a thread).
+
+    Returns the segment's entry when its blocks are readable and the problem found, if any:
+    ``corrupt`` (a check failed; position and offset of the bad block when known) or
+    ``unreadable`` (the file could not be opened or is of an unsupported version)."""
+    seg = naming.parse_segment_name(name)
+    try:
         with SegmentReader(path, name=name, expect_sealed=True) as r:
             r.verify()
-            return _entry(r, name, "store")
+            entry = _entry(r, name, "store")
+    except CorruptSegmentError as exc:
+        return None, Problem("corrupt", name, seg.topic, seg.partition, exc.reason,
+                             exc.position, exc.offset)
+    except (SegmentError, OSError) as exc:
+        return None, Problem("unreadable", name, seg.topic, seg.partition, str(exc))
+    if (entry.start, entry.end, entry.topic, entry.partition) != (
+            seg.start, seg.end, seg.topic, seg.partition):
+        return entry, Problem(
+            "corrupt", name, seg.topic, seg.partition,
+            f"contents cover {entry.topic}[{entry.partition}] [{entry.start}, {entry.end}), "
+            f"the name says [{seg.start}, {seg.end})")
+    return entry, None
 
 
 def find_gaps(names: Iterable[str]) -> list[Problem]:

@@ -605,4 +605,4 @@ if __name__ == "__main__":
 
 
 # restore, backups, get, history, export, compact, retention: registered on ``main``
-from replicator import cli_compact, cli_ops, cli_replicas, cli_restore  # noqa: E402,F401
+from replicator import cli_compact, cli_ops, cli_replicas, cli_restore, cli_verify  # noqa: E402,F401
