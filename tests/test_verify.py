@@ -406,3 +406,65 @@ def test_unreadable_state_file_means_everything_is_checked(data: Path) -> None:
     assert rep.files_skipped == 0 and rep.notes and "unreadable" in rep.notes[0]
     stores, note = load_state(data / STATE_FILE)
     assert note is None and stores  # rewritten whole
+
+
+# -- other stores -----------------------------------------------------------------------------
+
+
+def test_archive_tier_in_another_store(data: Path, tmp_path: Path) -> None:
+    arch = run_compact(History(store_root=data / "store"), "archive", tmp_path / "w").manifest
+    # moved to the archive store, as retention does after retention.archive_after_days
+    shutil.copytree(data / "store" / naming.SNAPSHOTS_ROOT / arch.id,
+                    tmp_path / "cold" / naming.ARCHIVE_ROOT / arch.id)
+    shutil.rmtree(data / "store" / naming.SNAPSHOTS_ROOT / arch.id)
+    cold = LocalStore(root=tmp_path / "cold")
+    rep = verify(data, archive=cold, deep=True)
+    assert rep.status == "ok", rep.problems
+    assert rep.archive == cold.url and rep.checks["snapshot_files"]["checked"] == 9
+    assert (arch.id, "ok") in [(sid, r) for sid, _how, r in rep.deep_rebuilt]
+    stores, _ = load_state(data / STATE_FILE)
+    assert set(stores) == {rep.store, cold.url}
+    assert set(stores[cold.url].files) == {naming.snapshot_file_name(arch.id, t,
+                                                                     naming.ARCHIVE_ROOT)
+                                           for t in ("attendance", "participant", "config")}
+    bad = tmp_path / "cold" / naming.snapshot_file_name(arch.id, "config", naming.ARCHIVE_ROOT)
+    flip_snapshot_byte(bad)
+    rep = verify(data, archive=cold, full=True)
+    assert [(p.kind, p.name) for p in rep.problems] == [
+        ("corrupt", naming.snapshot_file_name(arch.id, "config", naming.ARCHIVE_ROOT))]
+
+
+async def test_s3_store(base: History, s3_bucket: str, tmp_path: Path) -> None:
+    from replicator.storage.base import open_store
+    from replicator.storage.mirror import mirror
+
+    s3 = open_store(s3_bucket)
+    try:
+        await mirror(LocalStore(root=base.store_root), s3)
+        state = tmp_path / STATE_FILE
+        rep = await verify_store(s3, state_path=state, deep=True, registry=REG)
+        assert rep.status == "ok", rep.problems
+        n = rep.checks["segments"]["listed"]
+        assert rep.files_checked == n + 6 and rep.checks["deep"]["ok"] == 2
+        assert rep.bytes_read >= sum(p.stat().st_size for p in
+                                     base.store_root.rglob("*") if p.suffix == ".seg")
+        again = await verify_store(s3, state_path=state)
+        assert again.files_checked == 8 and again.status == "ok"
+        name = naming.segment_name(T, 1, 0, naming.parse_segment_name(name_of(
+            base.store_root.parent, segments(base.store_root.parent, T, 1)[0])).end)
+        body = bytearray(await s3.get_bytes(name))
+        body[len(body) // 3] ^= 0x01
+        await s3.put_bytes(name, bytes(body), create_only=False)
+        bad = await verify_store(s3, state_path=state, full=True)
+        assert bad.status == "corrupt" and [p.name for p in bad.problems] == [name]
+    finally:
+        await s3.close()
+
+
+def test_empty_and_absent_stores(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "store").mkdir(parents=True)
+    rep = verify(tmp_path / "empty")
+    assert rep.status == "ok" and rep.files_checked == 0
+    assert any("nothing to verify" in n for n in rep.notes)
+    out = cli(tmp_path / "absent")
+    assert out.returncode == 5 and "does not exist" in out.stderr

@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -76,6 +76,8 @@ from replicator.errors import (
     ObjectNotFoundError,
     ReplicatorError,
     RetentionError,
+    SegmentError,
+    StoreError,
 )
 from replicator.restore.layout import TableLayout
 from replicator.restore.planner import TP, PartitionPlan, Read
@@ -89,6 +91,9 @@ from replicator.snapshot.manifest import Manifest, SnapshotFile
 from replicator.snapshot.tiers import Tiers
 from replicator.storage.base import Store, local_copy
 from replicator.storage.local import LocalStore, fsync_dir
+
+if TYPE_CHECKING:
+    from replicator.schemas import SchemaRegistry
 
 log = logging.getLogger(__name__)
 
@@ -771,7 +776,7 @@ async def verify_store(
     sample_min: int = 8,
     full: bool = False,
     deep: bool = False,
-    registry: Any = None,
+    registry: SchemaRegistry | None = None,
     advance: Advance | None = None,
     phase: Phase | None = None,
     concurrency: int | None = None,
@@ -782,9 +787,13 @@ async def verify_store(
     record what was verified in ``state_path``; return the report.
 
     ``registry`` (a :class:`~replicator.schemas.SchemaRegistry`) is needed with ``deep``;
-    ``advance``/``phase`` drive a progress display (bytes checked, snapshots rebuilt)."""
+    ``advance``/``phase`` drive a progress display (files checked, snapshots rebuilt)."""
     t0 = time.monotonic()
     now = int(time.time() * 1000) if now_ms is None else now_ms
+    for where in (store, archive):
+        if isinstance(where, LocalStore) and not where.root.is_dir():
+            raise StoreError(f"store directory {where.root} does not exist (check store.url "
+                             "/ ingest.data_dir)")
     tiers = Tiers(store, archive if archive is not None else store)
     separate = archive is not None and archive.url != store.url
     states, state_note = load_state(state_path)
@@ -849,20 +858,20 @@ async def verify_store(
     # 3. continuity, from names alone
     known: dict[TP, int] = {}
     for m in manifests:
-        for tp, s in m.start.items():
-            known[tp] = min(known.get(tp, s), s)
+        for tp, first in m.start.items():
+            known[tp] = min(known.get(tp, first), first)
     cont = continuity([o.name for o in seg_objs], stored_ends, trimmed, known)
     findings += cont
-    partitions = {(naming.parse_segment_name(o.name).topic,
-                   naming.parse_segment_name(o.name).partition) for o in seg_objs}
+    partitions = {(seg.topic, seg.partition)
+                  for seg in (naming.parse_segment_name(o.name) for o in seg_objs)}
 
     # 4. checksums of the planned files
     for r in runs.values():
         r.plan = plan_verify(r.candidates, r.state, sample_fraction=sample_fraction,
                              sample_min=sample_min, full=full)
-    total = sum(c.size for r in runs.values() if r.plan for c in r.plan.checks)
+    total = sum(len(r.plan.checks) for r in runs.values() if r.plan)
     if phase is not None:
-        phase("verifying checksums", total)
+        phase("verifying files", total)
     with tempfile.TemporaryDirectory(prefix="replicator-verify-") as tmp:
         scratch = Path(tmp)
         for r in runs.values():
@@ -936,6 +945,9 @@ async def verify_store(
         "overlaps": sum(1 for f in cont if f.kind == "overlap"),
     }
     report.checks["watermarks"] = {"failed": len(wm_problems)}
+    if not seg_objs and not stored_ends and not n_manifests:
+        report.notes.append("the store holds no segments, watermarks or snapshots: nothing "
+                            "to verify")
     if "deep" in report.checks:
         report.checks["deep"] = report.checks.pop("deep")
     report.elapsed_s = time.monotonic() - t0
@@ -978,7 +990,7 @@ async def _check_all(r: _StoreRun, scratch: Path, advance: Advance | None,
                 return Outcome(c, vanished=True)  # removed since the listing (retention)
             finally:
                 if advance is not None:
-                    advance(c.size)
+                    advance(1)
             return Outcome(c, finding, checksum)
 
     return list(await asyncio.gather(*(one(c) for c in r.plan.checks)))
@@ -987,7 +999,8 @@ async def _check_all(r: _StoreRun, scratch: Path, advance: Advance | None,
 async def _deep(report: VerifyReport, findings: list[Finding], tiers: Tiers,
                 manifests: Sequence[Manifest], seg_objs: Sequence[Any],
                 trimmed: Mapping[TP, int], files: Mapping[str, Mapping[str, FileState]],
-                records: dict[str, DeepRecord], registry: Any, scratch: Path, *, full: bool,
+                records: dict[str, DeepRecord], registry: SchemaRegistry | None,
+                scratch: Path, *, full: bool,
                 now_ms: int, advance: Advance | None, phase: Phase | None,
                 budget: int | None) -> int:
     """Rebuild the due snapshots (oldest first) and compare; update ``records``; return the
@@ -1027,7 +1040,10 @@ async def _deep(report: VerifyReport, findings: list[Finding], tiers: Tiers,
                 stats["skipped"] += 1
                 report.deep_skipped.append((m.id, "its data files did not verify"))
                 continue
+            unknown = sorted({f.entity for f in m.files} - set(registry.entities))
             src = deep_source(m, manifests, segs, trimmed, verified)
+            if unknown:
+                src = replace(src, skip=f"entity {unknown[0]!r} has no schema here")
             if src.skip is not None:
                 stats["skipped"] += 1
                 report.deep_skipped.append((m.id, src.skip))
@@ -1045,6 +1061,10 @@ async def _deep(report: VerifyReport, findings: list[Finding], tiers: Tiers,
             except ObjectNotFoundError as exc:
                 stats["skipped"] += 1
                 report.deep_skipped.append((m.id, f"{exc.name} vanished during the run"))
+                continue
+            except SegmentError as exc:  # readable but not usable here (e.g. no key for it)
+                stats["skipped"] += 1
+                report.deep_skipped.append((m.id, str(exc)))
                 continue
             stats["rebuilt"] += 1
             read += n
@@ -1075,7 +1095,8 @@ def _opener(paths: Mapping[str, Path]) -> Callable[[SegmentInfo], Path]:
     return opener
 
 
-async def _rebuild(src: DeepSource, tiers: Tiers, registry: Any, scratch: Path, budget: int
+async def _rebuild(src: DeepSource, tiers: Tiers, registry: SchemaRegistry, scratch: Path,
+                   budget: int
                    ) -> tuple[list[str], int]:
     """Rebuild every data file of ``src.manifest`` in ``scratch`` and compare digest,
     counts and cut with the manifest; return the mismatches and the bytes read."""
