@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from replicator import __version__
+from replicator import __version__, crypto
 from replicator.config import Config, load_config
 from replicator.errors import (
     BackupIncompleteError,
@@ -108,7 +108,11 @@ def _config(ctx: click.Context) -> Config:
     if "config" not in obj:
         path: Path | None = obj.get("config_path")
         try:
-            obj["config"] = load_config(path)
+            loaded = load_config(path)
+            # the keyring every reader and writer of this process uses (docs/OPERATIONS.md,
+            # "Encryption at rest"); unusable keys stop every command here, naming the setting
+            crypto.configure(loaded)
+            obj["config"] = loaded
         except ConfigError as exc:
             click.echo(f"replicator: error: bad configuration: {exc}", err=True)
             sys.exit(EXIT_CONFIG)

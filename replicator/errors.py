@@ -147,3 +147,60 @@ class TargetError(RestoreError):
 
 class DigestMismatchError(RestoreError):
     """What the target holds after a restore differs from the state the backup describes."""
+
+
+class EncryptionKeyError(ConfigError):
+    """Encryption at rest is configured but no usable key could be loaded (the key file is
+    missing, unreadable or malformed, the environment variable is empty, a key has the
+    wrong length). ``setting`` names the setting to fix (``encryption.key_file`` or
+    ``encryption.key_env``); the message names the file or variable and the line or
+    position, never a key. A :class:`ConfigError`: the CLI exits 2 before doing anything."""
+
+
+class DecryptionError(SegmentError):
+    """Encrypted backup data could not be read (base: no key for it, or authentication
+    failed). Every subclass names the file and the key id, never a key. The CLI exits 4,
+    like for any segment that cannot be used."""
+
+
+class KeyNotFoundError(DecryptionError):
+    """A file (or block) was encrypted with a key the keyring does not hold -- or no
+    keyring is configured at all. ``key_id`` is the fingerprint of the key that is needed
+    (docs/FORMAT.md §2.5); ``available`` the ids the keyring holds."""
+
+    def __init__(self, path: str, key_id: str, available: tuple[str, ...] = (),
+                 position: int | None = None) -> None:
+        where = path if position is None else f"{path} at byte {position}"
+        if available:
+            have = f"the keyring holds {', '.join(available)}"
+        else:
+            have = ("no encryption key is configured ([encryption] key_file or the "
+                    "environment variable named by encryption.key_env)")
+        super().__init__(f"{where}: encrypted with key {key_id}, which is not available: "
+                         f"{have}; add that key to the keyring to read this file")
+        self.path = path
+        self.key_id = key_id
+        self.available = available
+        self.position = position
+
+
+class AuthenticationError(CorruptSegmentError, DecryptionError):
+    """An encrypted block (or footer) failed AES-GCM authentication with the key its key
+    id names: it was altered or damaged after it was written (its CRC may still match, if
+    the change was deliberate), or it was moved from another place. Never returned as
+    data. A :class:`CorruptSegmentError`, so every caller that stops on a corrupt file
+    stops on this one."""
+
+    def __init__(self, path: str, position: int, key_id: str, offset: int | None = None,
+                 what: str = "block") -> None:
+        super().__init__(path, position,
+                         f"authentication failed with key {key_id} (AES-256-GCM): the {what} "
+                         "was altered, damaged or moved since it was written, or was written "
+                         "with a different key",
+                         offset)
+        self.key_id = key_id
+
+
+class SnapshotAuthenticationError(AuthenticationError, CorruptSnapshotError):
+    """:class:`AuthenticationError` in a snapshot file (also a
+    :class:`CorruptSnapshotError`)."""

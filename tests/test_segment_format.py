@@ -250,14 +250,15 @@ def test_sealed_footer_and_trailer_read_back(tmp_path: Path) -> None:
 
 def test_unknown_major_version_is_refused_clearly(tmp_path: Path) -> None:
     path = tmp_path / "future.seg"
-    hdr = SegmentHeader(topic="t", partition=0, base_offset=0, created_ms=1, major=2, minor=3)
+    # (major 2 is the encrypted format, docs/FORMAT.md §2.5; 3 is unknown)
+    hdr = SegmentHeader(topic="t", partition=0, base_offset=0, created_ms=1, major=3, minor=3)
     original = hdr.encode() + b"whatever a future version stores"
     path.write_bytes(original)
     with pytest.raises(UnsupportedVersionError) as ei:
         SegmentReader(path, expect_sealed=True)
     msg = str(ei.value)
-    assert str(path) in msg and "2.3" in msg and "major version 1" in msg and "upgrade" in msg
-    assert (ei.value.major, ei.value.minor) == (2, 3)
+    assert str(path) in msg and "3.3" in msg and "major version 2" in msg and "upgrade" in msg
+    assert (ei.value.major, ei.value.minor) == (3, 3)
     # recovery must not "repair" (truncate) a file it cannot understand
     with pytest.raises(UnsupportedVersionError):
         recover_active(path)

@@ -175,7 +175,8 @@ async def _build_all(catalog: Catalog, tiers: Tiers, registry: SchemaRegistry,
         files.append(SnapshotFile(topic=topic, entity=entity,
                                   name=topic + naming.SNAPSHOT_SUFFIX, bytes=res.bytes,
                                   entries=res.entries, live=res.live,
-                                  tombstones=res.tombstones, digest=res.digest))
+                                  tombstones=res.tombstones, digest=res.digest,
+                                  key_id=res.key_id))
         for p, c in res.cuts.items():
             cut[(topic, p)] = c
     manifest = Manifest(

@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from replicator import naming
+from replicator import crypto, naming
 from replicator.catalog import Catalog
 from replicator.errors import ReplicatorError, SegmentError
 from replicator.follow.replica import (
@@ -86,9 +86,13 @@ class FollowStats:
             del self.lag_ms[:100_000]
 
 
-def decode_frames(body: bytes, starts: dict[TP, int]) -> list[Chunk]:
+def decode_frames(body: bytes, starts: dict[TP, int],
+                  keyring: crypto.KeyringArg = crypto.INSTALLED) -> list[Chunk]:
     """The tail response's frames as one chunk per partition: records ``>=`` the requested
-    start, contiguous (every block's CRC checked), with their blocks' durable times."""
+    start, contiguous (every block's CRC checked; an encrypted block is opened with
+    ``keyring``, by default the installed one, and its tag checked), with their blocks'
+    durable times."""
+    kr = crypto.for_reading(keyring)
     out: dict[TP, Chunk] = {}
     pos = 0
     view = memoryview(body)
@@ -112,7 +116,8 @@ def decode_frames(body: bytes, starts: dict[TP, int]) -> list[Chunk]:
                                f"{meta.end}) failed its checksum")
         if meta.end <= end or meta.start > end:
             continue  # already have it / not contiguous: re-asked from ``end`` next time
-        raw = fmt.decompress_payload(meta, payload, "live tail")
+        raw = fmt.open_payload(meta, blk[:hsize], payload, f"live tail {topic}[{partition}]",
+                               keyring=kr, context=fmt.block_context(topic, partition))
         if ch is None:
             ch = out[tp] = Chunk(tp, [], end)
         ch.records.extend(fmt.iter_values(raw, end))

@@ -1,4 +1,4 @@
-"""Byte-level segment format, version 1 (specified in docs/FORMAT.md).
+"""Byte-level segment format, versions 1 and 2 (specified in docs/FORMAT.md).
 
 Layout of a segment file::
 
@@ -14,6 +14,12 @@ Invariants:
   Offsets *inside* a range that hold no record are gaps Kafka made (transaction markers,
   compaction) or events diverted to quarantine -- never data loss.
 - Records keep Kafka's bytes exactly: key, value and header values are stored as received.
+- Version 2 is version 1 with every block's payload sealed (AES-256-GCM, after lz4; see
+  docs/FORMAT.md §2.5); a file is either all plain (major 1) or all sealed (major 2), and a
+  reader refuses a block that disagrees with its file. The CRC covers the stored
+  (sealed) bytes, so integrity checks need no key; authenticity is the GCM tag's job,
+  whose associated data binds the block header (offsets, timestamps, counts) and the
+  partition to the payload.
 """
 
 from __future__ import annotations
@@ -27,10 +33,16 @@ from typing import Any
 import lz4.block
 import orjson
 
+from replicator import crypto
+from replicator.crypto import Keyring
 from replicator.errors import CorruptSegmentError, UnsupportedVersionError
 
+#: the format of unencrypted files (byte for byte what every version before encryption wrote)
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 0
+#: the format of encrypted files: not readable by a major-1 reader, which must refuse them
+FORMAT_MAJOR_ENCRYPTED = 2
+SUPPORTED_MAJORS = (FORMAT_MAJOR, FORMAT_MAJOR_ENCRYPTED)
 
 FILE_MAGIC = b"RPLSEG\r\n"
 BLOCK_MAGIC = b"RPB1"
@@ -40,6 +52,8 @@ TRAILER_MAGIC = b"RPLSEGND"
 CODEC_NONE = 0
 CODEC_LZ4 = 1
 FLAG_WATERMARK = 0x01
+#: the payload is a sealed blob (key id, nonce, ciphertext, tag); format 2 files only
+FLAG_ENCRYPTED = 0x02
 
 #: magic, major, minor, meta_len, crc(major..meta)
 FILE_HEADER = struct.Struct("<8sHHII")
@@ -60,6 +74,15 @@ TRAILER = struct.Struct("<QII8s")
 
 MAX_BLOCK_RAW = 64 * 1024 * 1024  # sanity bound used to tell garbage from a header
 NO_TS = -1
+#: start of the associated data of a sealed segment block (docs/FORMAT.md §2.5)
+BLOCK_AAD_PREFIX = b"replicator segment block\x00"
+
+
+def block_context(topic: str, partition: int) -> bytes:
+    """The partition part of a sealed block's associated data: prefix, u16 topic length,
+    topic (UTF-8), u32 partition. The block header bytes 8..64 follow it."""
+    t = topic.encode()
+    return BLOCK_AAD_PREFIX + struct.pack("<H", len(t)) + t + struct.pack("<I", partition)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,21 +95,37 @@ class SegmentHeader:
     created_ms: int
     major: int = FORMAT_MAJOR
     minor: int = FORMAT_MINOR
+    #: format 2: id of the key that was active when the file was created (informative: each
+    #: block names its own key, which differs after a rotation if blocks were re-written)
+    key_id: str | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        """Every block of the file is sealed (format 2)."""
+        return self.major >= FORMAT_MAJOR_ENCRYPTED
 
     def encode(self) -> bytes:
-        return encode_meta_header(FILE_MAGIC, self.major, self.minor, {
+        meta: dict[str, Any] = {
             "topic": self.topic,
             "partition": self.partition,
             "base_offset": self.base_offset,
             "created_ms": self.created_ms,
             "codec": "lz4",
-        })
+        }
+        if self.encrypted:
+            meta["cipher"] = crypto.CIPHER
+            meta["key_id"] = self.key_id
+        return encode_meta_header(FILE_MAGIC, self.major, self.minor, meta)
 
     @staticmethod
     def decode(buf: bytes, path: str) -> tuple[SegmentHeader, int]:
         """Decode the header at the start of ``buf``; return it and its encoded length."""
-        major, minor, meta, end = decode_meta_header(buf, path, FILE_MAGIC, FORMAT_MAJOR,
+        major, minor, meta, end = decode_meta_header(buf, path, FILE_MAGIC, SUPPORTED_MAJORS,
                                                      CorruptSegmentError)
+        if major >= FORMAT_MAJOR_ENCRYPTED and meta.get("cipher") != crypto.CIPHER:
+            raise CorruptSegmentError(path, 0, f"unknown cipher {meta.get('cipher')!r} in an "
+                                      "encrypted segment's header")
+        kid = meta.get("key_id")
         header = SegmentHeader(
             topic=str(meta["topic"]),
             partition=int(meta["partition"]),
@@ -94,6 +133,7 @@ class SegmentHeader:
             created_ms=int(meta["created_ms"]),
             major=major,
             minor=minor,
+            key_id=None if kid is None else str(kid),
         )
         return header, end
 
@@ -107,18 +147,19 @@ def encode_meta_header(magic: bytes, major: int, minor: int, meta: dict[str, Any
     return FILE_HEADER.pack(magic, major, minor, len(body), crc) + body
 
 
-def decode_meta_header(buf: bytes, path: str, magic: bytes, supported_major: int,
+def decode_meta_header(buf: bytes, path: str, magic: bytes, supported: tuple[int, ...],
                        error: type[CorruptSegmentError]
                        ) -> tuple[int, int, dict[str, Any], int]:
     """(major, minor, meta, encoded length) of the header :func:`encode_meta_header` wrote;
-    ``error`` (its ``kind`` names the file) for anything damaged."""
+    ``error`` (its ``kind`` names the file) for anything damaged, and
+    :class:`UnsupportedVersionError` for a major version not in ``supported``."""
     if len(buf) < FILE_HEADER.size:
         raise error(path, 0, "file shorter than its header")
     got, major, minor, meta_len, crc = FILE_HEADER.unpack_from(buf, 0)
     if got != magic:
         raise error(path, 0, f"not a replicator {error.kind} (bad magic)")
-    if major != supported_major:
-        raise UnsupportedVersionError(path, major, minor, supported_major)
+    if major not in supported:
+        raise UnsupportedVersionError(path, major, minor, max(supported))
     end = FILE_HEADER.size + meta_len
     if len(buf) < end:
         raise error(path, 0, "truncated file header")
@@ -148,6 +189,10 @@ class BlockMeta:
     def size(self) -> int:
         """Bytes the block occupies in the file, header included."""
         return BLOCK_HEADER.size + self.payload_len
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.flags & FLAG_ENCRYPTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,18 +378,26 @@ def encode_block(
     watermark_ms: int = 0,
     flags: int = 0,
     compress: bool = True,
+    keyring: Keyring | None = None,
+    context: bytes = b"",
 ) -> bytes:
-    """Build a whole block (header + payload). CPU-bound; safe to call off the event loop."""
+    """Build a whole block (header + payload). CPU-bound; safe to call off the event loop.
+
+    With ``keyring`` the (compressed) payload is sealed with its active key, bound to
+    ``context`` (:func:`block_context` of the segment's partition) and the header fields.
+    """
     if compress and raw:
         payload = lz4.block.compress(raw, store_size=False)
         codec = CODEC_LZ4
     else:
         payload = raw
         codec = CODEC_NONE
+    if keyring is not None:
+        flags |= FLAG_ENCRYPTED
     fields = BLOCK_HEADER.pack(
         BLOCK_MAGIC,
         0,
-        len(payload),
+        len(payload) + (crypto.OVERHEAD if keyring is not None else 0),
         len(raw),
         records,
         codec,
@@ -356,6 +409,8 @@ def encode_block(
         max_ts,
         watermark_ms,
     )
+    if keyring is not None:
+        payload = keyring.seal(payload, context + fields[BLOCK_CRC_FROM:])
     crc = zlib.crc32(payload, zlib.crc32(memoryview(fields)[BLOCK_CRC_FROM:]))
     out: bytes = BLOCK_MAGIC + struct.pack("<I", crc) + fields[BLOCK_CRC_FROM:] + payload
     return out
@@ -402,8 +457,32 @@ def block_crc(header: bytes | memoryview, payload: bytes | memoryview) -> int:
     return zlib.crc32(payload, zlib.crc32(memoryview(header)[BLOCK_CRC_FROM : BLOCK_HEADER.size]))
 
 
+def check_sealing(meta: BlockMeta, path: str, file_encrypted: bool) -> None:
+    """A block must be sealed exactly when its file is (format 2): a plain block in an
+    encrypted file would be data nobody authenticated."""
+    if meta.encrypted != file_encrypted:
+        raise CorruptSegmentError(
+            path, meta.position,
+            "plain block in an encrypted (format 2) segment" if file_encrypted
+            else "encrypted block in a format 1 segment", meta.start)
+
+
+def open_payload(meta: BlockMeta, header: bytes | memoryview, payload: bytes | memoryview,
+                 path: str, *, keyring: Keyring | None, context: bytes) -> bytes:
+    """Uncompressed payload of a block whose CRC was already checked: opened (when sealed,
+    with ``keyring`` and the partition's :func:`block_context`) and decompressed. Raises
+    :class:`~replicator.errors.KeyNotFoundError` or
+    :class:`~replicator.errors.AuthenticationError`; never returns unauthenticated bytes
+    of a sealed block."""
+    if meta.encrypted:
+        payload = crypto.open_blob(
+            keyring, payload, context + bytes(header[BLOCK_CRC_FROM:BLOCK_HEADER.size]),
+            name=path, position=meta.position, offset=meta.start)
+    return decompress_payload(meta, payload, path)
+
+
 def decompress_payload(meta: BlockMeta, payload: bytes | memoryview, path: str) -> bytes:
-    """Uncompressed payload of a block whose CRC was already checked."""
+    """Uncompressed payload of a plain (or already opened) block whose CRC was checked."""
     if meta.codec == CODEC_NONE:
         return bytes(payload)
     try:

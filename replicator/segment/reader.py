@@ -6,7 +6,11 @@ Invariants:
   Nothing is ever skipped silently.
 - :func:`recover_active` is the only function that truncates: it cuts an *active* segment at
   the first invalid block (a torn tail after a crash), like Kafka's log recovery. The bytes
-  cut are re-consumed from Kafka because the resume point moves back with them.
+  cut are re-consumed from Kafka because the resume point moves back with them. Recovery
+  checks CRCs only, so it needs no key (an encrypted spool recovers without one).
+- A sealed (encrypted) block's payload is used only after its GCM tag verified; a missing
+  key or a failed tag raises (:class:`~replicator.errors.KeyNotFoundError`,
+  :class:`~replicator.errors.AuthenticationError`), never yields bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from replicator import crypto
+from replicator.crypto import INSTALLED, KeyringArg
 from replicator.errors import CorruptSegmentError
 from replicator.segment import format as fmt
 from replicator.segment.format import BlockMeta, Record, SegmentHeader, SegmentSummary
@@ -69,6 +75,12 @@ def _scan(buf: bytes | mmap.mmap, path: str, stop_at: int | None = None) -> Scan
         if meta.start != expected_start:
             stop_reason = (
                 f"offset discontinuity: block starts at {meta.start}, expected {expected_start}"
+            )
+            break
+        if meta.encrypted != header.encrypted:
+            stop_reason = (
+                "plain block in an encrypted segment" if header.encrypted
+                else "encrypted block in a format 1 segment"
             )
             break
         blocks.append(meta)
@@ -191,11 +203,17 @@ class SegmentReader:
 
     ``expect_sealed`` makes a missing or damaged footer an error (a store segment must be
     sealed); otherwise an unsealed file is scanned and only its valid prefix is readable.
+    ``keyring`` opens encrypted (format 2) blocks; by default the process's installed one.
+    Opening a file and reading its index need no key; reading an encrypted payload does.
     """
 
-    def __init__(self, path: Path, *, name: str | None = None, expect_sealed: bool = False) -> None:
+    def __init__(self, path: Path, *, name: str | None = None, expect_sealed: bool = False,
+                 keyring: KeyringArg = INSTALLED) -> None:
         self.path = path
         self.name = name or str(path)
+        self.keyring = crypto.for_reading(keyring)
+        #: encrypted blocks :meth:`verify` could check only by CRC (no keyring at all)
+        self.unauthenticated_blocks = 0
         self._file = path.open("rb")
         try:
             self.file_size = os.fstat(self._file.fileno()).st_size
@@ -217,6 +235,7 @@ class SegmentReader:
         self.header, self.header_len = SegmentHeader.decode(
             mm[: min(self.file_size, 1 << 16)], self.name
         )
+        self._context = fmt.block_context(self.header.topic, self.header.partition)
         if trailer is not None:
             footer_pos, footer_len, crc = trailer
             footer = mm[footer_pos : footer_pos + footer_len]
@@ -283,8 +302,8 @@ class SegmentReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _payload(self, meta: BlockMeta) -> bytes:
-        """Checked, uncompressed payload of one block."""
+    def _stored(self, meta: BlockMeta) -> tuple[bytes, bytes]:
+        """Header and stored payload of one block, CRC checked (no key needed)."""
         mm = self._mm
         pos = meta.position
         end = pos + meta.size
@@ -298,11 +317,27 @@ class SegmentReader:
         payload = mm[pos + fmt.BLOCK_HEADER.size : end]
         if fmt.block_crc(head, payload) != crc or meta2 != meta:
             raise CorruptSegmentError(self.name, pos, "block checksum mismatch", meta.start)
-        return fmt.decompress_payload(meta, payload, self.name)
+        fmt.check_sealing(meta, self.name, self.header.encrypted)
+        return head, payload
+
+    def _payload(self, meta: BlockMeta) -> bytes:
+        """Checked (CRC; for a sealed block also the GCM tag), uncompressed payload."""
+        head, payload = self._stored(meta)
+        return fmt.open_payload(meta, head, payload, self.name, keyring=self.keyring,
+                                context=self._context)
 
     def verify(self) -> SegmentSummary:
-        """Check every block (checksum, decompression, record framing, continuity)."""
+        """Check every block (checksum, authentication tag, decompression, record framing,
+        continuity).
+
+        Without any keyring (``keyring=None``, or none installed) an encrypted block is
+        checked by its CRC only -- integrity, not authenticity -- and counted in
+        :attr:`unauthenticated_blocks`. With a keyring, a block whose key it lacks raises
+        :class:`~replicator.errors.KeyNotFoundError`: data the configured keys cannot read
+        is a problem worth knowing about.
+        """
         expected = self.header.base_offset
+        self.unauthenticated_blocks = 0
         for meta in self.blocks:
             if meta.start != expected:
                 raise CorruptSegmentError(
@@ -311,6 +346,11 @@ class SegmentReader:
                     f"offset discontinuity: block starts at {meta.start}, expected {expected}",
                     meta.start,
                 )
+            if meta.encrypted and self.keyring is None:
+                self._stored(meta)
+                self.unauthenticated_blocks += 1
+                expected = meta.end
+                continue
             raw = self._payload(meta)
             n = 0
             try:

@@ -13,6 +13,8 @@ Invariants:
   :func:`replicator.segment.reader.recover_active` cuts.
 - Blocks cover contiguous offset ranges; ``PendingBlock.start`` is always the previous
   block's ``end`` (or the segment's base offset).
+- A file is encrypted (format 2, every block sealed) or plain (format 1) from its creation
+  on: the keyring is chosen once, by :meth:`ActiveSegment.create`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from replicator import crypto
+from replicator.crypto import INSTALLED, Keyring, KeyringArg
 from replicator.segment import format as fmt
 from replicator.segment.format import BlockMeta, SegmentHeader, SegmentSummary
 from replicator.segment.reader import RecoveryResult
@@ -211,25 +215,34 @@ class ActiveSegment:
     """One appendable spool file. Blocking; never call two methods concurrently."""
 
     def __init__(
-        self, path: Path, header: SegmentHeader, blocks: list[BlockMeta], size: int, fd: int
+        self, path: Path, header: SegmentHeader, blocks: list[BlockMeta], size: int, fd: int,
+        keyring: Keyring | None = None,
     ) -> None:
         self.path = path
         self.header = header
         self.blocks = blocks
         self.size = size
         self._fd = fd
+        self._keyring = keyring if header.encrypted else None
+        self._context = fmt.block_context(header.topic, header.partition)
         self.opened_monotonic = time.monotonic()
         self._dirty = False
         self.last_block = b""
 
     @classmethod
-    def create(cls, path: Path, *, topic: str, partition: int, base_offset: int) -> ActiveSegment:
+    def create(cls, path: Path, *, topic: str, partition: int, base_offset: int,
+               keyring: KeyringArg = INSTALLED) -> ActiveSegment:
+        """A new active segment; encrypted (format 2) when ``keyring`` (by default the
+        process's sealing keyring, see :func:`replicator.crypto.sealing`) is given."""
+        sealer = crypto.for_writing(keyring)
         makedirs_durable(path.parent)
         header = SegmentHeader(
             topic=topic,
             partition=partition,
             base_offset=base_offset,
             created_ms=int(time.time() * 1000),
+            major=fmt.FORMAT_MAJOR if sealer is None else fmt.FORMAT_MAJOR_ENCRYPTED,
+            key_id=None if sealer is None else sealer.active,
         )
         data = header.encode()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -240,15 +253,21 @@ class ActiveSegment:
             os.close(fd)
             raise
         fsync_dir(path.parent)
-        return cls(path, header, [], len(data), fd)
+        return cls(path, header, [], len(data), fd, sealer)
 
     @classmethod
-    def reopen(cls, recovery: RecoveryResult) -> ActiveSegment:
-        """Continue appending after :func:`recover_active` validated (and cut) the file."""
+    def reopen(cls, recovery: RecoveryResult, *, keyring: KeyringArg = INSTALLED
+               ) -> ActiveSegment:
+        """Continue appending after :func:`recover_active` validated (and cut) the file.
+
+        An encrypted file's new blocks are sealed with ``keyring`` (by default the
+        installed one); without one it can still be sealed (footer only) but not appended to.
+        """
         assert recovery.header is not None
         fd = os.open(recovery.path, os.O_WRONLY)
         os.lseek(fd, recovery.valid_end, os.SEEK_SET)
-        return cls(recovery.path, recovery.header, list(recovery.blocks), recovery.valid_end, fd)
+        return cls(recovery.path, recovery.header, list(recovery.blocks), recovery.valid_end,
+                   fd, crypto.for_reading(keyring))
 
     @property
     def base_offset(self) -> int:
@@ -268,6 +287,8 @@ class ActiveSegment:
             raise ValueError(
                 f"{self.path}: block starts at {block.start}, segment ends at {self.end}"
             )
+        if self.header.encrypted and self._keyring is None:
+            raise ValueError(f"{self.path}: an encrypted segment needs a keyring to append to")
         data = fmt.encode_block(
             block.raw,
             records=block.records,
@@ -277,6 +298,8 @@ class ActiveSegment:
             max_ts=block.max_ts,
             watermark_ms=block.watermark_ms,
             flags=block.flags,
+            keyring=self._keyring,
+            context=self._context,
         )
         write_all(self._fd, data)
         self.last_block = data  # the spool's tail buffer serves it to live followers
@@ -290,7 +313,7 @@ class ActiveSegment:
             min_ts=block.min_ts,
             max_ts=block.max_ts,
             watermark_ms=block.watermark_ms,
-            flags=block.flags,
+            flags=data[21],
             codec=data[20],
         )
         self.blocks.append(meta)

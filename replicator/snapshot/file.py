@@ -3,12 +3,16 @@
 :class:`SnapshotFileWriter` takes entries already sorted by ``(key, partition)`` and refuses
 anything else, so an unsorted input can never produce a file whose index lies.
 :class:`SnapshotFileReader` checks every block it returns and finds a key's block from the
-sparse index without reading other blocks.
+sparse index without reading other blocks. With a sealing keyring the writer produces an
+encrypted (format 2) file; the reader opens one with the keyring it is given (by default
+the process's installed keyring) -- an encrypted file cannot even be opened without its key,
+because the footer index holds keys of the data.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 import os
 from collections.abc import Iterator
@@ -16,9 +20,11 @@ from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
+from replicator import crypto
+from replicator.crypto import INSTALLED, KeyringArg
 from replicator.errors import CorruptSnapshotError
 from replicator.snapshot import format as sfmt
-from replicator.snapshot.format import BlockRef, Entry
+from replicator.snapshot.format import BlockRef, Entry, Sealing
 
 #: Uncompressed bytes per block: large enough for lz4 to compress well, small enough that a
 #: point look-up reads little.
@@ -29,13 +35,22 @@ class SnapshotFileWriter:
     """Append sorted entries; :meth:`finish` writes footer and trailer and fsyncs.
 
     Invariant: ``(key, partition)`` strictly increases across :meth:`add` calls (checked).
+    ``keyring`` (by default the process's sealing keyring) makes the file encrypted; its
+    active key's id is :attr:`key_id`.
     """
 
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], *,
+                 keyring: KeyringArg = INSTALLED) -> None:
         self.path = path
+        sealer = crypto.for_writing(keyring)
+        #: id of the key that seals the file (None: not encrypted)
+        self.key_id = None if sealer is None else sealer.active
+        header = sfmt.encode_file_header(meta, self.key_id)
+        self._sealing = (None if sealer is None
+                         else Sealing(sealer, sfmt.file_context(header)))
         self._f = path.open("xb")
         self._pos = 0
-        self._write(sfmt.encode_file_header(meta))
+        self._write(header)
         self._buf: list[bytes] = []
         self._buf_len = 0
         self._buf_entries = 0
@@ -78,7 +93,8 @@ class SnapshotFileWriter:
             return
         raw = b"".join(self._buf)
         self._content.update(raw)
-        block = sfmt.encode_block(raw, self._buf_entries)
+        block = sfmt.encode_block(raw, self._buf_entries, position=self._pos,
+                                  sealing=self._sealing)
         assert self._first is not None and self._last is not None
         self.blocks.append(BlockRef(self._pos, len(block) - sfmt.BLOCK_HEADER.size,
                                     self._buf_entries, self._first, self._last))
@@ -96,7 +112,8 @@ class SnapshotFileWriter:
         Call :meth:`flush_block` first when the summary needs :attr:`content_hash`."""
         self._flush()
         footer_pos = self._pos
-        footer = sfmt.encode_footer(self.blocks, summary)
+        footer = sfmt.encode_footer(self.blocks, summary, footer_pos=footer_pos,
+                                    sealing=self._sealing)
         self._write(footer)
         self._write(sfmt.encode_trailer(footer_pos, footer))
         self._f.flush()
@@ -110,9 +127,13 @@ class SnapshotFileWriter:
 
 
 class SnapshotFileReader:
-    """Random access to one complete snapshot file. Use as a context manager."""
+    """Random access to one complete snapshot file. Use as a context manager.
 
-    def __init__(self, path: Path, *, name: str | None = None) -> None:
+    An encrypted file is opened with ``keyring`` (by default the installed one); without
+    its key, opening raises :class:`~replicator.errors.KeyNotFoundError`."""
+
+    def __init__(self, path: Path, *, name: str | None = None,
+                 keyring: KeyringArg = INSTALLED) -> None:
         self.path = path
         self.name = name or str(path)
         self._file = path.open("rb")
@@ -121,11 +142,18 @@ class SnapshotFileReader:
             if self.size == 0:
                 raise CorruptSnapshotError(self.name, 0, "empty file")
             self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-            self.meta, self.data_start = sfmt.decode_file_header(
+            self.meta, self.data_start, encrypted = sfmt.decode_file_header(
                 self._mm[:min(self.size, 1 << 16)], self.name)
+            #: id of the key the file names in its header (None: not encrypted)
+            self.key_id: str | None = str(self.meta.get("key_id")) if encrypted else None
+            self._sealing = (Sealing(crypto.for_reading(keyring),
+                                     sfmt.file_context(self._mm[:self.data_start]))
+                             if encrypted else None)
             self.blocks, self.summary, self.data_end = sfmt.decode_footer(
-                self._mm, self.size, self.name)
+                self._mm, self.size, self.name, self._sealing)
         except BaseException:
+            with contextlib.suppress(AttributeError):
+                self._mm.close()
             self._file.close()
             raise
         self._first_keys = [b.first_key for b in self.blocks]
@@ -145,7 +173,7 @@ class SnapshotFileReader:
 
     def block_payloads(self) -> Iterator[tuple[BlockRef, bytes]]:
         for b in self.blocks:
-            yield b, sfmt.decode_block(self._mm, b, self.name)
+            yield b, sfmt.decode_block(self._mm, b, self.name, self._sealing)
 
     def _entries(self, b: BlockRef, raw: bytes) -> list[Entry]:
         try:
@@ -170,7 +198,7 @@ class SnapshotFileReader:
         if i < 0 or key > self.blocks[i].last_key:
             return []
         b = self.blocks[i]
-        raw = sfmt.decode_block(self._mm, b, self.name)
+        raw = sfmt.decode_block(self._mm, b, self.name, self._sealing)
         return [e for e in self._entries(b, raw) if e[0] == key]
 
     def verify(self) -> tuple[int, str]:

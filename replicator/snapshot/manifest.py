@@ -44,11 +44,17 @@ class SnapshotFile:
     #: digest of the live winners among this file's entries ("<count>:<hex>"); for a full
     #: snapshot that is the entity's state digest at the snapshot's cut
     digest: str
+    #: id of the key the file is encrypted with (docs/FORMAT.md §7.5); None: not encrypted
+    key_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"topic": self.topic, "entity": self.entity, "name": self.name,
-                "bytes": self.bytes, "entries": self.entries, "live": self.live,
-                "tombstones": self.tombstones, "digest": self.digest}
+        out: dict[str, Any] = {
+            "topic": self.topic, "entity": self.entity, "name": self.name,
+            "bytes": self.bytes, "entries": self.entries, "live": self.live,
+            "tombstones": self.tombstones, "digest": self.digest}
+        if self.key_id is not None:
+            out["key_id"] = self.key_id
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +116,7 @@ class Manifest:
                     topic=str(f["topic"]), entity=str(f["entity"]), name=str(f["name"]),
                     bytes=int(f["bytes"]), entries=int(f["entries"]), live=int(f["live"]),
                     tombstones=int(f["tombstones"]), digest=str(f["digest"]),
+                    key_id=None if f.get("key_id") is None else str(f["key_id"]),
                 ) for f in d["files"]),
                 root=root,
             )
