@@ -72,6 +72,7 @@ def measure(mib: int, repeat: int, workdir: Path) -> dict[str, object]:
     keyring = Keyring.from_keys([os.urandom(32)])
     ctx = fmt.block_context("attendance", 0)
     out: dict[str, object] = {"blocks": len(blocks), "raw_mb": round(raw_mb, 1)}
+    fns: dict[tuple[str, str], Callable[[], object]] = {}
     for label, kr in (("plain", None), ("encrypted", keyring)):
         def encode(kr: Keyring | None = kr) -> None:
             for b in blocks:
@@ -100,11 +101,21 @@ def measure(mib: int, repeat: int, workdir: Path) -> dict[str, object]:
                     for _v in fmt.iter_values(raw):
                         pass
 
-        res = {}
         for name, fn in (("encode", encode), ("write", write), ("read", read),
                          ("read+walk", read_walk)):
-            res[name] = round(raw_mb / best(repeat, fn), 1)
-        res["file_mb"] = round(path.stat().st_size / 1e6, 2)
+            fns[(label, name)] = fn
+    # interleaved (plain, encrypted, plain, ...) so that load from other processes on a
+    # shared machine hits both alike; the best run of each counts
+    times: dict[tuple[str, str], float] = {}
+    for _ in range(repeat):
+        for name in ("write", "encode", "read", "read+walk"):
+            for label in ("plain", "encrypted"):
+                t = best(1, fns[(label, name)])
+                times[(label, name)] = min(times.get((label, name), t), t)
+    for label in ("plain", "encrypted"):
+        res: dict[str, float] = {name: round(raw_mb / times[(label, name)], 1)
+                                 for name in ("encode", "write", "read", "read+walk")}
+        res["file_mb"] = round((workdir / f"{label}.seg").stat().st_size / 1e6, 2)
         out[label] = res
     one = blocks[0].raw[:BLOCK]
     sealed = keyring.seal(one, b"aad")
