@@ -71,7 +71,7 @@ class UnsupportedVersionError(SegmentError):
     def __init__(self, path: str, major: int, minor: int, supported: int) -> None:
         super().__init__(
             f"{path}: segment format version {major}.{minor} is not supported "
-            f"(this replicator reads major version {supported}); upgrade replicator"
+            f"(this replicator reads major versions up to {supported}); upgrade replicator"
         )
         self.path = path
         self.major = major

@@ -51,8 +51,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SCHEMA_DIR: Final[Path] = Path(__file__).resolve().parent.parent / "schemas"
-"""The ``schemas/`` directory of the repository this package lives in."""
+DEFAULT_SCHEMA_DIR: Final[Path] = Path(__file__).resolve().parent / "_schemas"
+"""The repository's ``schemas/``, shipped inside the package as ``_schemas`` (a symlink in
+the source tree; building a wheel copies the files, so a plain ``pip install`` has them)."""
 
 ENVELOPE_SCHEMA_FILE: Final[str] = "envelope.json"
 
