@@ -210,6 +210,13 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool,
 
     log = logging.getLogger("replicator.run")
     loop = asyncio.get_running_loop()
+    tokens = None
+    if cfg.server.port:
+        from replicator.auth import server_tokens
+
+        # before anything starts: a bad tokens file is one line and nothing consumed
+        tokens = server_tokens(cfg.server.tokens_file, cfg.ingest.data_dir)
+        log.info("admin API tokens", extra={"source": tokens.source})
     ingestor = Ingestor(config=cfg)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -217,15 +224,12 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool,
     await ingestor.start()
     server: HealthServer | None = None
     if cfg.server.port:
-        from replicator.auth import server_tokens
         from replicator.ops.jobs import RestoreJobs
         from replicator.ops.status import backups_document, collect_status
 
-        try:
-            tokens = server_tokens(cfg.server.tokens_file, cfg.ingest.data_dir)
-        except ReplicatorError:
-            await ingestor.stop()
-            raise
+        jobs = RestoreJobs(data_dir=cfg.ingest.data_dir, config_path=config_path)
+        if jobs.sweep():
+            log.info("removed scratch files of interrupted restore jobs")
         server = HealthServer(
             metrics=ingestor.metrics,
             host=cfg.server.host,
@@ -237,7 +241,7 @@ async def _serve(cfg: Config, *, demo_rate: float, show_progress: bool,
             tokens=tokens,
             status=lambda: collect_status(cfg),
             backups=lambda: backups_document(cfg),
-            jobs=RestoreJobs(data_dir=cfg.ingest.data_dir, config_path=config_path),
+            jobs=jobs,
         )
         try:
             await server.start()

@@ -201,8 +201,27 @@ def drill_cmd(ctx: click.Context, at: str | None, target: str | None, source: st
                        f"{', '.join(sorted(named)) or 'none'}", err=True)
             sys.exit(2)
         store_url = named[source]
-    report = _run(run_drill(cfg, at=at or cfg.drill.at, target=target or cfg.drill.target,
-                            store_url=store_url, seed=seed))
+    async def go() -> dict[str, Any] | None:
+        import asyncio
+        import signal
+
+        # SIGTERM (systemctl stop, a Kubernetes deadline, the service stopping) cancels the
+        # drill, so its scratch database or schema is removed before the process ends
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await run_drill(cfg, at=at or cfg.drill.at,
+                                   target=target or cfg.drill.target, store_url=store_url,
+                                   seed=seed)
+        except asyncio.CancelledError:
+            return None
+
+    report = _run(go())
+    if report is None:
+        click.echo("replicator: error: drill interrupted; its scratch target was removed",
+                   err=True)
+        sys.exit(130)
     if not no_save:
         save_report(cfg.ingest.data_dir, report, cfg.drill.keep)
     if as_json:
@@ -249,14 +268,15 @@ def plan_cmd(ctx: click.Context, as_json: bool) -> None:
 
     async def latest() -> tuple[int | None, float | None]:
         store = open_store(cfg.store_url)
+        tiers = Tiers.for_store(store, cfg.retention.archive_url)
         try:
             p = await make_plan(Catalog(store=store), SchemaRegistry.load(
-                cfg.ingest.schemas_dir), list(cfg.kafka.topics), Latest(),
-                tiers=Tiers.for_store(store, cfg.retention.archive_url))
+                cfg.ingest.schemas_dir), list(cfg.kafka.topics), Latest(), tiers=tiers)
             return p.bytes, p.seconds_estimate
         except ReplicatorError:
             return None, None  # nothing restorable yet: the plan says so
         finally:
+            await tiers.close_archive()
             await store.close()
 
     restore_bytes, static = _run(latest())

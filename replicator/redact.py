@@ -40,3 +40,12 @@ def redact_url(url: str) -> str:
     if not changed:
         return url
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*):[^@\s'\"]*@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` (an error line, a log message) with the password of every URL in it
+    masked: ``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)

@@ -188,6 +188,10 @@ def test_generated_token_is_private_and_stable(tmp_path: Path) -> None:
     ({"at": "latest", "target": "jsonl:///DATA/restores/../../x"}, "must be absolute"),
     ({"at": "latest", "target": "sqlite:///DATA/restores"}, "must lie inside"),
     ({"at": "latest", "target": "file:///tmp/x"}, "target: postgresql://"),
+    ({"at": "latest\x00"}, "control characters"),
+    ({"at": "latest", "target": "postgresql://u@h/db\x00"}, "control characters"),
+    ({"at": "latest", "keys": ["a\nb"]}, "control characters"),
+    ({"at": "latest", "target": "sqlite:///DATA/restores/jobs/x.json"}, "job records"),
 ])
 def test_bad_restore_requests_are_refused_before_anything_runs(
         tmp_path: Path, body: Any, message: str) -> None:
@@ -269,3 +273,43 @@ async def test_restore_jobs_run_and_report(tmp_path: Path, history: History) -> 
     jobs = RestoreJobs(data_dir=tmp_path / "data", config_path=None)
     again = jobs.get(job["id"])
     assert again is not None and again.state == "succeeded"
+
+
+async def test_stopping_the_service_records_running_and_queued_jobs_as_interrupted(
+        tmp_path: Path, history: History) -> None:
+    data = tmp_path / "data"
+    config = write_config(tmp_path / "r.toml", history.store_root, data)
+    jobs = RestoreJobs(data_dir=data, config_path=config)
+    first = jobs.submit({"at": "latest"})
+    second = jobs.submit({"at": "latest"})
+    for _ in range(200):
+        if first.state == "running":
+            break
+        await asyncio.sleep(0.01)
+    await jobs.stop()
+    again = RestoreJobs(data_dir=data, config_path=config)
+    for job in (first, second):
+        kept = again.get(job.id)
+        assert kept is not None and kept.state in ("failed", "succeeded")
+        if kept.state == "failed":
+            assert kept.error is not None and "interrupted" in kept.error
+
+
+def test_sweep_removes_only_unlocked_scratch_of_killed_restores(tmp_path: Path) -> None:
+    import fcntl
+
+    data = tmp_path / "data"
+    root = (data / "restores").resolve()
+    root.mkdir(parents=True)
+    dead = root / ".api-0123456789abcdef.db.tmp-restore-r1"
+    live = root / ".api-fedcba9876543210.db.tmp-restore-r2"
+    done = root / "api-1111111111111111.db"
+    for p in (dead, live, done):
+        p.write_bytes(b"x")
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a restore running right now holds its scratch
+    try:
+        assert RestoreJobs(data_dir=data, config_path=None).sweep() == 1
+    finally:
+        os.close(fd)
+    assert not dead.exists() and live.exists() and done.exists()

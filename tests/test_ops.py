@@ -4,10 +4,8 @@ including the broker's view of what is not yet durable) and the drill schedule."
 
 from __future__ import annotations
 
-import glob
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -48,8 +46,9 @@ def _config(tmp_path: Path, store: Path) -> Path:
     return write_config(tmp_path / "replicator.toml", store, data)
 
 
-def _scratch_leftovers() -> set[str]:
-    return set(glob.glob(str(Path(tempfile.gettempdir()) / "replicator-drill-*")))
+def _scratch_leftovers(data_dir: Path) -> list[Path]:
+    root = data_dir / "drills" / "scratch"
+    return sorted(root.iterdir()) if root.is_dir() else []
 
 
 # -- pure parts --------------------------------------------------------------------------
@@ -103,7 +102,6 @@ def test_drill_schedule_is_due() -> None:
 async def test_drill_restores_verifies_measures_and_cleans_up(
         tmp_path: Path, history: History) -> None:
     cfg = load_config(_config(tmp_path, history.store_root), env={})
-    before = _scratch_leftovers()
     report = await run_drill(cfg, at="latest")
     assert report["ok"] is True, report
     oracle = Oracle(history)
@@ -114,7 +112,7 @@ async def test_drill_restores_verifies_measures_and_cleans_up(
     assert report["rpo_s"] == pytest.approx((report["time_ms"] - history.newest_ms) / 1e3,
                                             abs=0.01)
     assert report["rto_met"] is True and report["rpo_met"] is False  # an old history
-    assert _scratch_leftovers() == before  # the temporary database is gone
+    assert _scratch_leftovers(cfg.ingest.data_dir) == []  # the scratch database is gone
     rnd = await run_drill(cfg, at="random", seed=4)
     assert rnd["ok"] is True and rnd["at"] != report["at"]
     assert rnd["bytes_read"] <= rnd["full_bytes"]
@@ -124,7 +122,8 @@ async def test_drill_restores_verifies_measures_and_cleans_up(
     kept = load_history(cfg.ingest.data_dir)
     assert [r["id"] for r in kept] == [rnd["id"]]  # keep=1 pruned the older one
     drills = cfg.ingest.data_dir / "drills"
-    assert sorted(p.name for p in drills.iterdir()) == [f"{rnd['id']}.json", f"{rnd['id']}.txt"]
+    assert sorted(p.name for p in drills.iterdir() if p.is_file()) == [
+        f"{rnd['id']}.json", f"{rnd['id']}.txt"]
     assert "RTO" in (drills / f"{rnd['id']}.txt").read_text()
     text = render(rnd, kept)
     assert "attendance:" in text and "RTO" in text and "last 1 drills" in text
@@ -246,3 +245,87 @@ def test_plan_estimates_from_the_last_good_drill_and_lists_every_scenario(
     res = cli(_config(tmp_path, history.store_root), "plan", "--json")
     assert res.returncode == 0, res.stderr
     assert orjson.loads(res.stdout)["restore_estimate"]["restore_bytes"] > 0
+
+
+async def test_drill_sweeps_scratch_left_by_drills_killed_hard(
+        tmp_path: Path, history: History, pg_dsn: str) -> None:
+    import os
+
+    from replicator.ops.drill import schema_time_ms, scratch_root
+
+    cfg = load_config(_config(tmp_path, history.store_root), env={})
+    root = scratch_root(cfg.ingest.data_dir)
+    old = root / "20200101T000000000Z-abcdef-x"
+    young = root / "recent-drill-still-running"
+    for d in (old, young):
+        d.mkdir(parents=True)
+        (d / "drill.db").write_bytes(b"left behind")
+    os.utime(old, (0, 0))
+    report = await run_drill(cfg)
+    assert report["ok"] is True
+    assert _scratch_leftovers(cfg.ingest.data_dir) == [young]  # young ones may be live
+    assert schema_time_ms("drill_20200101t000000123z_abcdef") == 1577836800123
+    assert schema_time_ms("drill_nope") is None and schema_time_ms("public") is None
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute('CREATE SCHEMA IF NOT EXISTS "drill_20200101t000000000z_abcdef"')
+        await conn.execute('CREATE SCHEMA IF NOT EXISTS "drill_keep_me"')
+        report = await run_drill(cfg, target=pg_dsn)
+        assert report["ok"] is True, report
+        left = {r["nspname"] for r in await conn.fetch(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'drill%'")}
+        assert left == {"drill_keep_me"}  # not a drill's name: never touched
+        await conn.execute('DROP SCHEMA "drill_keep_me"')
+    finally:
+        await conn.close()
+
+
+def test_sigterm_stops_a_drill_and_removes_its_scratch(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    big = build_history(tmp_path / "big", events=40_000, seed=3, per_segment=2000)
+    config = _config(tmp_path, big.store_root)
+    data = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-m", "replicator", "--config", str(config),
+                             "drill", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _scratch_leftovers(data):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted" in err and "Traceback" not in err
+    assert _scratch_leftovers(data) == []
+
+
+async def test_status_calls_offsets_kafka_removed_before_they_were_durable_lost(
+        tmp_path: Path, kafka_bootstrap: str) -> None:
+    from aiokafka import TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.records_to_delete import RecordsToDelete
+
+    topics = {e: unique(e) for e in ("attendance", "participant", "config")}
+    await create_topics(kafka_bootstrap, list(topics.values()), partitions=1)
+    cfg = load_config(_config(tmp_path, tmp_path / "store"), env={})
+    cfg = replace(cfg, kafka=replace(cfg.kafka, bootstrap_servers=kafka_bootstrap,
+                                     topics=tuple(topics.values())))
+    await publish_demo(kafka_bootstrap, topics, 200, seed=6)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:  # as Kafka's retention would: the first offsets are gone, never made durable
+        await admin.delete_records(
+            {TopicPartition(topics["attendance"], 0): RecordsToDelete(before_offset=5)})
+    finally:
+        await admin.close()
+    doc = await collect_status(cfg)
+    rows = {p["topic"]: p for p in doc["partitions"]}
+    assert rows[topics["attendance"]]["pending"] == "lost"
+    assert rows[topics["attendance"]]["rpo_s"] is None
+    assert rows[topics["config"]]["pending"] == "ts"
+    assert doc["objectives"]["rpo_local"]["state"] == "missed"
+    assert doc["exit_code"] == 10

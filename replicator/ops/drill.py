@@ -13,16 +13,21 @@ Figures (all in the report):
   reads; a drill of ``latest`` needs no scaling);
 * ``rpo_s`` — age of the newest restorable point of the store at the drill's start.
 
-Reports are JSON files ``<data_dir>/drills/<time>-<id>.json``; the newest ``drill.keep`` are
-kept. A failed drill (corrupt backup, digest mismatch, nothing restorable) is a report
-with ``ok: false`` and the error, never an exception the caller must catch.
+Reports are JSON files ``<data_dir>/drills/<time>-<id>.json`` (and the human report as
+``.txt``); the newest ``drill.keep`` are kept. The scratch is removed on success, failure and
+cancellation; what a hard kill leaves (``<data_dir>/drills/scratch/*``, ``drill_*`` schemas)
+is removed by a later drill once older than a day (or twice the RTO objective). A failed
+drill (corrupt backup, digest mismatch, nothing restorable, anything else that breaks) is a
+report with ``ok: false`` and the error, never an exception the caller must catch.
 """
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -36,6 +41,7 @@ import orjson
 
 from replicator.config import Config
 from replicator.errors import BadRequestError, ReplicatorError
+from replicator.redact import redact_text
 from replicator.restore.point import AtTime, Latest, Point, format_ms
 
 DRILLS_DIR = "drills"
@@ -43,6 +49,12 @@ DRILLS_DIR = "drills"
 
 def drills_dir(data_dir: Path) -> Path:
     return data_dir / DRILLS_DIR
+
+
+def scratch_root(data_dir: Path) -> Path:
+    """Where default (SQLite) drills put their scratch database: on the data volume, not
+    in /tmp, so the size is accounted where the operator looks and leftovers are found."""
+    return drills_dir(data_dir) / "scratch"
 
 
 def pick_point(mode: str, oldest_ms: int | None, newest_ms: int | None,
@@ -74,7 +86,42 @@ def scratch_pg_url(url: str, schema: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(params), ""))
 
 
-async def _drop_pg_schema(url: str, schema: str) -> None:
+#: scratch left by a drill killed hard (SIGKILL, power loss) is removed by a later drill
+#: once it is older than this many seconds (or 2 x objectives.rto_s, if longer)
+STALE_SCRATCH_S = 86400.0
+_DRILL_SCHEMA = re.compile(r"drill_(\d{8})t(\d{6})(\d{3})z_[0-9a-f]{6}")
+
+
+def stale_cutoff_ms(now_ms: int, rto_s: float) -> int:
+    return now_ms - int(max(STALE_SCRATCH_S, 2 * rto_s) * 1000)
+
+
+def schema_time_ms(schema: str) -> int | None:
+    """When the drill that created ``schema`` started (from its name), else None."""
+    m = _DRILL_SCHEMA.fullmatch(schema)
+    if m is None:
+        return None
+    t = time.strptime(m.group(1) + m.group(2), "%Y%m%d%H%M%S")
+    return int(calendar.timegm(t) * 1000) + int(m.group(3))
+
+
+def sweep_scratch_dirs(root: Path, cutoff_ms: int) -> int:
+    """Remove scratch directories of earlier drills last touched before ``cutoff_ms``."""
+    n = 0
+    if not root.is_dir():
+        return 0
+    for p in root.iterdir():
+        with contextlib.suppress(OSError):
+            if p.stat().st_mtime * 1000 < cutoff_ms:
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+    return n
+
+
+async def _drop_pg_schema(url: str, schema: str, *, stale_before_ms: int | None = None
+                          ) -> None:
+    """Drop ``schema``; with ``stale_before_ms`` also every drill schema created before it
+    (left by drills killed hard)."""
     import asyncpg
 
     from replicator.targets.postgres import _q, split_url
@@ -82,7 +129,14 @@ async def _drop_pg_schema(url: str, schema: str) -> None:
     dsn, _schema, _shown = split_url(url)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {_q(schema)} CASCADE")
+        names = [schema]
+        if stale_before_ms is not None:
+            rows = await conn.fetch("SELECT nspname FROM pg_namespace "
+                                    "WHERE nspname LIKE 'drill\\_%'")
+            names += [r["nspname"] for r in rows if (t := schema_time_ms(r["nspname"]))
+                      is not None and t < stale_before_ms]
+        for name in names:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {_q(name)} CASCADE")
     finally:
         await conn.close()
 
@@ -109,11 +163,12 @@ async def run_drill(cfg: Config, *, at: str = "latest", target: str | None = Non
     }
     scratch_dir: Path | None = None
     pg_cleanup: tuple[str, str] | None = None
+    cutoff = stale_cutoff_ms(started_ms, cfg.objectives.rto_s)
+    tiers = Tiers.for_store(store, cfg.retention.archive_url)
     t0 = time.monotonic()
     try:
         reg = SchemaRegistry.load(cfg.ingest.schemas_dir)
         cat = Catalog(store=store)  # store only: the spool is lost with the machine
-        tiers = Tiers.for_store(store, cfg.retention.archive_url)
         topics = list(cfg.kafka.topics)
         latest = await make_plan(cat, reg, topics, Latest(), tiers=tiers)
         point = pick_point(at, latest.window.oldest_ms, latest.at_ms, random.Random(seed))
@@ -123,7 +178,10 @@ async def run_drill(cfg: Config, *, at: str = "latest", target: str | None = Non
         report["rpo_s"] = (None if latest.at_ms is None
                            else round(max(0.0, (started_ms - latest.at_ms) / 1e3), 3))
         if target is None or target == "":
-            scratch_dir = Path(tempfile.mkdtemp(prefix="replicator-drill-"))
+            root = scratch_root(cfg.ingest.data_dir)
+            sweep_scratch_dirs(root, cutoff)
+            root.mkdir(parents=True, exist_ok=True)
+            scratch_dir = Path(tempfile.mkdtemp(prefix=f"{drill_id}-", dir=root))
             url = f"sqlite://{scratch_dir / 'drill.db'}"
             report["target"] = "temporary SQLite database"
         elif target.startswith(("postgresql://", "postgres://")):
@@ -149,15 +207,20 @@ async def run_drill(cfg: Config, *, at: str = "latest", target: str | None = Non
             load_seconds=round(restore.load_seconds, 3),
             snapshots=[m.id for m in plan.snapshots])
     except ReplicatorError as exc:
-        report.update(ok=False, error=str(exc), error_type=type(exc).__name__,
+        report.update(ok=False, error=redact_text(str(exc)), error_type=type(exc).__name__,
                       rto_s=round(time.monotonic() - t0, 3))
+    except Exception as exc:  # a drill that breaks is a failed drill, with a report
+        report.update(ok=False, error=redact_text(f"{type(exc).__name__}: {exc}"),
+                      error_type="internal", rto_s=round(time.monotonic() - t0, 3))
     finally:
+        # runs on success, failure and cancellation (SIGTERM of the drill command)
+        await tiers.close_archive()
         await store.close()
         if scratch_dir is not None:
             shutil.rmtree(scratch_dir, ignore_errors=True)
         if pg_cleanup is not None:
             with contextlib.suppress(Exception):
-                await _drop_pg_schema(*pg_cleanup)
+                await _drop_pg_schema(*pg_cleanup, stale_before_ms=cutoff)
     report["rto_met"] = bool(report["ok"]) and (
         report.get("rto_extrapolated_s", 0) <= cfg.objectives.rto_s)
     rpo = report.get("rpo_s")
@@ -223,9 +286,9 @@ def sparkline(values: Sequence[float | None]) -> str:
 def render(report: dict[str, Any], history: Sequence[dict[str, Any]]) -> str:
     """The human report: verdict, figures against the objectives, and a chart of the last
     drills' RTO and RPO."""
-    obj = report["objectives"]
-    lines = [f"drill {report['id']} at {report.get('at') or report['mode']} from "
-             f"{report['store']} into {report.get('target', '-')}"]
+    obj = {"rto_s": float("nan"), "rpo_s": float("nan"), **report.get("objectives", {})}
+    lines = [f"drill {report['id']} at {report.get('at') or report.get('mode', '-')} from "
+             f"{report.get('store', '-')} into {report.get('target', '-')}"]
     if report["ok"]:
         for entity in sorted(report.get("rows", {})):
             lines.append(f"  {entity}: {report['rows'][entity]:,} rows, digest "
@@ -238,7 +301,7 @@ def render(report: dict[str, Any], history: Sequence[dict[str, Any]]) -> str:
         lines.append(f"  FAILED: {report['error']}")
     rpo = report.get("rpo_s")
     lines.append("  RPO " + ("n/a" if rpo is None else f"{rpo:.1f}s") + ": "
-                 + ("met" if report["rpo_met"] else "MISSED")
+                 + ("met" if report.get("rpo_met") else "MISSED")
                  + f" (objective {obj['rpo_s']:g}s)")
     recent = list(history)[-30:]
     if recent:

@@ -23,10 +23,15 @@ import orjson
 from replicator.compaction.schedule import _die_with_parent
 from replicator.config import DrillSettings
 from replicator.metrics import Metrics
-from replicator.ops.drill import load_history
+from replicator.ops.drill import load_history, save_report
+from replicator.redact import redact_text
+from replicator.restore.point import format_ms
 
 log = logging.getLogger(__name__)
 
+
+#: seconds a stopping service gives a running drill to remove its scratch target
+STOP_GRACE_S = 8.0
 
 #: with no drill on record, the first one runs this long after the service started (there
 #: is something to restore by then), or after drill.interval_s if that is shorter
@@ -76,15 +81,29 @@ class DrillScheduler:
         try:
             out, err = await proc.communicate()
         except asyncio.CancelledError:
-            proc.kill()  # the scratch target is temporary; nothing else was written
-            await proc.wait()
+            # SIGTERM first: the drill removes its scratch database or schema on the way
+            # out; SIGKILL only if it does not end within the grace period
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
             raise
         try:
             report: dict[str, Any] = orjson.loads(out)
         except orjson.JSONDecodeError:
-            log.warning("drill produced no report (exit %s): %s", proc.returncode,
-                        err.decode(errors="replace").strip()[-500:])
-            return None
+            # no report at all: a failed drill all the same, kept and exported as one
+            detail = redact_text(err.decode(errors="replace").strip()[-500:])
+            now = int(time.time() * 1000)
+            report = {"id": f"failed-{now}", "time": format_ms(now), "time_ms": now,
+                      "ok": False, "error": f"drill exited {proc.returncode} without a "
+                      f"report: {detail}", "error_type": "internal", "rpo_s": None,
+                      "objectives": {}, "rto_met": False, "rpo_met": False}
+            with contextlib.suppress(OSError):
+                save_report(self.data_dir, report, self.settings.keep)
         self.last = report
         export(self.metrics, report)
         (log.info if report.get("ok") else log.error)(
@@ -98,10 +117,21 @@ class DrillScheduler:
             last_ms = self.last.get("time_ms") if self.last else None
             if self.is_leader() and drill_due(int(time.time() * 1000), last_ms,
                                               self.settings.interval_s, self.started_ms):
+                one = asyncio.create_task(self.run_one())
+                stopping = asyncio.create_task(stop.wait())
                 try:
-                    await self.run_one()
-                except OSError as exc:
-                    log.warning("drill could not start: %s", exc)
+                    await asyncio.wait({one, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopping.cancel()
+                    if not one.done():
+                        one.cancel()  # the service stops: the drill cleans up and ends
+                    try:
+                        await one
+                    except asyncio.CancelledError:
+                        if not stop.is_set():
+                            raise
+                    except OSError as exc:
+                        log.warning("drill could not start: %s", exc)
                 if self.last is None or self.last.get("time_ms") == last_ms:
                     # no new report: wait a whole interval rather than retrying at once
                     self.last = {**(self.last or {}), "time_ms": int(time.time() * 1000)}

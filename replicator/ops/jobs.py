@@ -30,14 +30,15 @@ from typing import Any
 
 import orjson
 
+from replicator.compaction.schedule import _die_with_parent
 from replicator.errors import BadRequestError
-from replicator.redact import redact_url
+from replicator.redact import redact_text, redact_url
 from replicator.restore.point import format_ms
 
 log = logging.getLogger(__name__)
 
 TARGET_ENV = "REPLICATOR_RESTORE_TARGET"
-JOB_ID = re.compile(r"^[0-9a-f]{16}$")
+JOB_ID = re.compile(r"[0-9a-f]{16}")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _ALLOWED = {"at", "offsets", "target", "entities", "keys", "replace", "swap_into"}
 
@@ -81,6 +82,10 @@ def restore_argv(body: Any, data_dir: Path, job_id: str) -> tuple[list[str], str
     unknown = sorted(set(body) - _ALLOWED)
     if unknown:
         raise BadRequestError(f"unknown field(s) {unknown}; known: {sorted(_ALLOWED)}")
+    for field_name, field_value in body.items():
+        items = field_value if isinstance(field_value, list) else [field_value]
+        if any(isinstance(v, str) and ("\0" in v or "\n" in v) for v in items):
+            raise BadRequestError(f"{field_name}: control characters are not allowed")
     at, offsets = body.get("at"), body.get("offsets")
     if (at is None) == (offsets is None):
         raise BadRequestError("give exactly one of 'at' (RFC 3339 time, -15m, latest) or "
@@ -123,11 +128,23 @@ def restore_argv(body: Any, data_dir: Path, job_id: str) -> tuple[list[str], str
         if not resolved.is_relative_to(root) or resolved == root:
             raise BadRequestError(f"target: {scheme} targets of the API must lie inside "
                                   f"{root}")
+        if resolved.is_relative_to(root / "jobs"):
+            raise BadRequestError(f"target: {root / 'jobs'} holds the job records")
         target = f"{scheme}://{resolved}"
     elif not target.startswith(("postgresql://", "postgres://", "kafka://")):
         raise BadRequestError("target: postgresql://, kafka://, or sqlite:// / jsonl:// "
                               f"inside {root}")
     return args, target, redact_url(target)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 class RestoreJobs:
@@ -159,7 +176,7 @@ class RestoreJobs:
         return job
 
     def get(self, job_id: str) -> Job | None:
-        if not JOB_ID.match(job_id):
+        if not JOB_ID.fullmatch(job_id):
             return None
         job = self._jobs.get(job_id)
         if job is not None:
@@ -172,18 +189,51 @@ class RestoreJobs:
         return Job(**doc)
 
     async def stop(self) -> None:
+        """Kill a running restore (its target stays invisible: a restore commits
+        atomically) and record it and every queued job as failed ("interrupted")."""
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()  # the target stays invisible: a restore commits atomically
+                self._proc.kill()
         if self._worker is not None:
             self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._worker
+        for job in self._jobs.values():
+            if job.state in ("queued", "running"):
+                job.state, job.error = "failed", "interrupted: the service stopped"
+                job.finished = format_ms(int(time.time() * 1000))
+                with contextlib.suppress(OSError):
+                    self._persist(job)
+
+    def sweep(self) -> int:
+        """Remove scratch leftovers of restores killed with an earlier service (only the
+        ones no live restore holds); returns how many."""
+        from replicator.targets import scratch
+
+        root = restores_dir(self.data_dir)
+        if not root.is_dir():
+            return 0
+        n = 0
+        dests = {root / p.name[1:].split(".tmp-restore-")[0].split(".new-restore-")[0]
+                 for p in root.iterdir()
+                 if p.name.startswith(".") and ("-restore-" in p.name)}
+        for dest in dests:
+            n += scratch.sweep(dest, _remove)
+        return n
 
     async def _run(self) -> None:
         while not self._queue.empty():
             job, args, target = await self._queue.get()
-            await self._one(job, args, target)
+            try:
+                await self._one(job, args, target)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a job fails; the worker goes on with the next
+                job.state, job.error = "failed", redact_text(f"{type(exc).__name__}: {exc}")
+                job.finished = format_ms(int(time.time() * 1000))
+                log.error("restore job failed to run", extra={"job": job.id})
+                with contextlib.suppress(OSError):
+                    self._persist(job)
 
     async def _one(self, job: Job, args: list[str], target: str) -> None:
         argv = [sys.executable, "-m", "replicator"]
@@ -196,7 +246,7 @@ class RestoreJobs:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                env=env, stdin=asyncio.subprocess.DEVNULL)
+                env=env, stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent)
             out, err = await self._proc.communicate()
             job.exit_code = self._proc.returncode
         except OSError as exc:
@@ -211,7 +261,7 @@ class RestoreJobs:
         else:
             job.state = "failed"
             lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
-            job.error = redact_url(lines[-1]) if lines else f"exit code {job.exit_code}"
+            job.error = redact_text(lines[-1]) if lines else f"exit code {job.exit_code}"
         if job.result is not None and isinstance(job.result.get("target"), str):
             job.result["target"] = redact_url(job.result["target"])
         log.info("restore job finished", extra={"job": job.id, "state": job.state,

@@ -117,17 +117,20 @@ async def destination_rows(cfg: Config) -> list[dict[str, Any]]:
 async def broker_positions(cfg: Config, durable: Mapping[TP, int], *,
                            timeout_s: float = 5.0) -> dict[TP, dict[str, Any]]:
     """Per partition of the configured topics: high watermark, the group's committed
-    offset, and the Kafka timestamp of the first committed event at or after the durable
-    offset (None when there is none: nothing pending). Raises BrokerError when the broker
-    does not answer within ``timeout_s``."""
+    offset, and what lies beyond the durable offset: ``pending`` is ``none`` (nothing, or
+    only transaction markers), ``ts`` (``oldest_pending_ms`` = Kafka timestamp of the first
+    committed event not yet durable), ``lost`` (Kafka's retention already removed offsets
+    that were never made durable) or ``unknown`` (no answer within ``timeout_s``). Raises
+    BrokerError when the broker does not answer at all."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
-    from aiokafka.errors import KafkaError
+    from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
     from replicator.errors import BrokerError
 
     consumer = AIOKafkaConsumer(
         bootstrap_servers=cfg.kafka.bootstrap_servers, group_id=cfg.kafka.group_id,
         enable_auto_commit=False, isolation_level="read_committed",
+        auto_offset_reset="none",  # a trimmed offset must be an error, never a silent jump
         client_id=f"{cfg.kafka.client_id}-status", request_timeout_ms=int(timeout_s * 1000),
         metadata_max_age_ms=int(timeout_s * 1000))
     try:
@@ -152,23 +155,35 @@ async def broker_positions(cfg: Config, durable: Mapping[TP, int], *,
             committed = await asyncio.wait_for(consumer.committed(tp), timeout_s)
             d = durable.get((tp.topic, tp.partition), 0)
             out[(tp.topic, tp.partition)] = {"high_watermark": ends[tp], "committed": committed,
-                                             "oldest_pending_ms": None}
+                                             "pending": "none", "oldest_pending_ms": None}
             if ends[tp] > d:
                 pending.append(tp)
-        if pending:
-            consumer.assign(pending)
-            for tp in pending:
-                consumer.seek(tp, durable.get((tp.topic, tp.partition), 0))
-            deadline = time.monotonic() + timeout_s
-            missing = set(pending)
-            while missing and time.monotonic() < deadline:
-                got = await consumer.getmany(*missing, timeout_ms=500, max_records=1)
-                for tp, msgs in got.items():
-                    if msgs and tp in missing:
-                        out[(tp.topic, tp.partition)]["oldest_pending_ms"] = msgs[0].timestamp
-                        missing.discard(tp)
-                if not got:
-                    break  # only markers (or nothing) beyond the durable offset
+        if not pending:
+            return out
+        consumer.assign(pending)
+        for tp in pending:
+            consumer.seek(tp, durable.get((tp.topic, tp.partition), 0))
+            out[(tp.topic, tp.partition)]["pending"] = "unknown"
+        deadline = time.monotonic() + timeout_s
+        missing = set(pending)
+        while missing and time.monotonic() < deadline:
+            try:
+                got = await consumer.getmany(*missing, timeout_ms=300, max_records=1)
+            except OffsetOutOfRangeError as exc:
+                trimmed = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+                for tp in (set(trimmed) & missing) or set(missing):
+                    out[(tp.topic, tp.partition)]["pending"] = "lost"
+                    missing.discard(tp)
+                continue
+            for tp, msgs in got.items():
+                if msgs and tp in missing:
+                    row = out[(tp.topic, tp.partition)]
+                    row["pending"], row["oldest_pending_ms"] = "ts", msgs[0].timestamp
+                    missing.discard(tp)
+            for tp in list(missing):
+                if await consumer.position(tp) >= ends[tp]:
+                    out[(tp.topic, tp.partition)]["pending"] = "none"  # markers only
+                    missing.discard(tp)
         return out
     finally:
         await consumer.stop()
@@ -208,6 +223,7 @@ async def collect_status(cfg: Config, *, broker: bool = True,
     store = open_store(cfg.store_url)
     doc: dict[str, Any] = {"time": format_ms(now), "store": {"url": store.url}}
     segs: list[Any] = []
+    tiers: Any = None
     windows: list[dict[str, Any]] = []
     snapshots: dict[str, Any] = {}
     try:
@@ -215,7 +231,7 @@ async def collect_status(cfg: Config, *, broker: bool = True,
         try:
             cat = Catalog(store=store, data_dir=cfg.ingest.data_dir)
             segs, wms = await load_catalog(cat)
-            reg = SchemaRegistry.load(cfg.ingest.schemas_dir)
+            reg = await asyncio.to_thread(SchemaRegistry.load, cfg.ingest.schemas_dir)
             topic_entities = {t: t for t in cfg.kafka.topics if t in reg.entities}
             tiers = Tiers.for_store(store, cfg.retention.archive_url)
             snaps = await tiers.list()
@@ -241,6 +257,8 @@ async def collect_status(cfg: Config, *, broker: bool = True,
         except Exception as exc:
             doc["store"].update(up=False, error=str(exc))
     finally:
+        if tiers is not None:
+            await tiers.close_archive()
         await store.close()
     durable: dict[TP, int] = {}
     wm_ms: dict[TP, int] = {}
@@ -259,34 +277,39 @@ async def collect_status(cfg: Config, *, broker: bool = True,
             doc["broker"].update(up=False, error=str(exc))
     partitions = []
     local_rpo: float | None = 0.0 if doc["broker"]["up"] else None
+    lost = False
     for tp in sorted(set(durable) | set(positions)):
         pos = positions.get(tp, {})
         hw = pos.get("high_watermark")
         d = durable.get(tp, 0)
-        oldest = pos.get("oldest_pending_ms")
-        rpo = None if not doc["broker"]["up"] else (
-            0.0 if oldest is None else max(0.0, (now - oldest) / 1e3))
-        if rpo is not None and local_rpo is not None:
-            local_rpo = max(local_rpo, rpo)
+        pending = pos.get("pending") if doc["broker"]["up"] else None
+        rpo: float | None = None
+        if pending == "none":
+            rpo = 0.0
+        elif pending == "ts":
+            rpo = max(0.0, (now - pos["oldest_pending_ms"]) / 1e3)
+        lost = lost or pending == "lost"
+        if local_rpo is not None:
+            local_rpo = None if rpo is None else max(local_rpo, rpo)
         partitions.append({
             "topic": tp[0], "partition": tp[1], "durable_offset": d,
             "high_watermark": hw, "committed": pos.get("committed"),
             "lag": None if hw is None else max(0, hw - d),
-            "rpo_s": None if rpo is None else round(rpo, 3),
+            "pending": pending, "rpo_s": None if rpo is None else round(rpo, 3),
             "watermark_ms": wm_ms.get(tp)})
     doc["partitions"] = partitions
     doc["restorable"] = windows
     doc["snapshots"] = snapshots
-    doc["quarantine"] = quarantine_counts(cfg)
+    doc["quarantine"] = await asyncio.to_thread(quarantine_counts, cfg)
     doc["destinations"] = await destination_rows(cfg)
-    history = load_history(cfg.ingest.data_dir)
+    history = await asyncio.to_thread(load_history, cfg.ingest.data_dir)
     last = history[-1] if history else None
     doc["last_drill"] = None if last is None else {
         k: last.get(k) for k in ("id", "time", "ok", "rto_s", "rto_extrapolated_s", "rpo_s",
                                  "error")}
-    dest_rpos = [d["rpo_s"] for d in doc["destinations"] if d.get("up")]
+    dest_rpos = [d.get("rpo_s") for d in doc["destinations"]]
     worst_dest = (None if not dest_rpos or any(r is None for r in dest_rpos)
-                  else max(dest_rpos))
+                  else max(r for r in dest_rpos if r is not None))
     rto_value = (last.get("rto_extrapolated_s") if last is not None and last.get("ok")
                  else None)
     doc["objectives"] = {
@@ -296,6 +319,10 @@ async def collect_status(cfg: Config, *, broker: bool = True,
     }
     if last is not None and not last.get("ok"):
         doc["objectives"]["rto"]["state"] = MISSED  # the last drill failed
+    if lost:  # offsets Kafka removed before they were made durable: that data is gone
+        doc["objectives"]["rpo_local"]["state"] = MISSED
+    if any(not d["up"] for d in doc["destinations"]):
+        doc["objectives"]["rpo_destinations"]["state"] = MISSED  # a copy we cannot see
     doc["exit_code"] = verdict(doc)
     return doc
 
@@ -313,10 +340,10 @@ async def backups_document(cfg: Config) -> dict[str, Any]:
     from replicator.storage.base import open_store
 
     store = open_store(cfg.store_url)
+    tiers = Tiers.for_store(store, cfg.retention.archive_url)
     try:
         cat = Catalog(store=store, data_dir=cfg.ingest.data_dir)
-        reg = SchemaRegistry.load(cfg.ingest.schemas_dir)
-        tiers = Tiers.for_store(store, cfg.retention.archive_url)
+        reg = await asyncio.to_thread(SchemaRegistry.load, cfg.ingest.schemas_dir)
         segs, wms = await load_catalog(cat)
         snaps = await tiers.list()
         rows = describe_backups(segs, wms, topic_entities={
@@ -326,4 +353,5 @@ async def backups_document(cfg: Config) -> dict[str, Any]:
                 "snapshots": [{**m.to_json(), "tier": tiers.tier_of(m), "bytes": m.size,
                                "time": format_ms(m.time_ms)} for m in snaps]}
     finally:
+        await tiers.close_archive()
         await store.close()

@@ -73,6 +73,7 @@ from replicator.catalog import (
 from replicator.compaction.build import DEFAULT_BUDGET, build_topic
 from replicator.errors import (
     CorruptSegmentError,
+    KeyNotFoundError,
     ObjectNotFoundError,
     ReplicatorError,
     RetentionError,
@@ -102,7 +103,7 @@ STATE_FORMAT = 1
 
 #: problem kinds and what they make of the whole run
 PROBLEM_KINDS = {"corrupt": "corrupt", "digest-mismatch": "corrupt", "missing": "missing"}
-NOTE_KINDS = ("gap-ok", "overlap", "changed")
+NOTE_KINDS = ("gap-ok", "overlap", "changed", "unverifiable")
 
 SEGMENT = "segment"
 SNAPSHOT = "snapshot"
@@ -736,8 +737,12 @@ def _check_snapshot(path: Path, name: str, f: SnapshotFile) -> tuple[Finding | N
         with SnapshotFileReader(path, name=name) as r:
             n, content = r.verify()
             summary, size = r.summary, r.size
-    except CorruptSegmentError as exc:
+    except CorruptSegmentError as exc:  # an authentication failure is corruption too
         return bad(exc.reason, position=exc.position)
+    except KeyNotFoundError as exc:
+        # encrypted with a key this host does not hold: not evidence of damage; it stays
+        # unverified (and is read again every run) until it runs where the key is
+        return bad(f"cannot be checked here: {exc}", kind="unverifiable")
     except (ReplicatorError, OSError, ValueError, struct.error, KeyError) as exc:
         return bad(f"unreadable snapshot file: {exc}")
     if size != f.bytes:

@@ -55,6 +55,12 @@ class Tiers:
         out.sort(key=lambda m: (m.time_ms, m.id))
         return out
 
+    async def close_archive(self) -> None:
+        """Close the archive tier's store when it is a store of its own (the caller owns
+        the hot one)."""
+        if self.archive is not self.hot:
+            await self.archive.close()
+
     def tier_of(self, m: Manifest) -> str:
         return "hot" if m.root == naming.SNAPSHOTS_ROOT else "archive"
 

@@ -34,6 +34,7 @@ from aiokafka.errors import KafkaError
 
 from replicator.errors import BadRequestError, TargetError
 from replicator.naming import check_topic
+from replicator.redact import redact_url
 from replicator.restore.digest import DigestBuilder, StateDigest
 from replicator.restore.layout import CANONICAL, TableLayout, compile_row
 from replicator.restore.replay import ChangeRecord
@@ -52,21 +53,21 @@ def parse_kafka_url(url: str) -> tuple[str, str, str]:
     prefix = parts.path.lstrip("/")
     mode = dict(parse_qsl(parts.query)).get("mode", "state")
     if not bootstrap:
-        raise BadRequestError(f"target {url!r}: expected kafka://host:port/prefix")
+        raise BadRequestError(f"target {redact_url(url)!r}: expected kafka://host:port/prefix")
     if not prefix:
         raise BadRequestError(
-            f"target {url!r}: a topic prefix is required (kafka://host:port/restored-), so "
-            "the restore never writes into the live topics"
+            f"target {redact_url(url)!r}: a topic prefix is required "
+            "(kafka://host:port/restored-), so the restore never writes into the live topics"
         )
     if mode not in ("state", "events"):
-        raise BadRequestError(f"target {url!r}: mode must be 'state' or 'events'")
+        raise BadRequestError(f"target {redact_url(url)!r}: mode must be 'state' or 'events'")
     return bootstrap, prefix, mode
 
 
 class KafkaTarget:
     def __init__(self, url: str, restore_id: str, *, connect_timeout_s: float = 15.0) -> None:
         self.bootstrap, self.prefix, self.mode = parse_kafka_url(url)
-        self.location = f"kafka://{self.bootstrap}/{self.prefix}"
+        self.location = redact_url(f"kafka://{self.bootstrap}/{self.prefix}")
         self.restore_id = restore_id
         self._timeout = connect_timeout_s
         self._producer: AIOKafkaProducer | None = None
