@@ -21,6 +21,8 @@ def _ok(description: str, schema: dict[str, Any] | None = None,
 
 _ERROR = {"type": "object", "properties": {"error": {"type": "string"}},
           "required": ["error"]}
+_UNAVAILABLE = {"description": "The store could not be read",
+                "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _UNAUTHORIZED = {"description": "Missing or wrong bearer token (nothing else is said)",
                  "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
@@ -92,10 +94,13 @@ def document() -> dict[str, Any]:
             "/v1/status": {"get": op(
                 "Lag, durable offsets, RPO now, restorable window, snapshots, quarantine, "
                 "store health, objectives (same document as `replicator status --json`)",
-                {"200": _ok("status")})},
+                {"200": _ok("status"),
+                 "503": _UNAVAILABLE})},
             "/v1/backups": {"get": op(
                 "Restorable window per entity and the snapshot chain (same document as "
-                "`replicator backups list --json`)", {"200": _ok("backups")})},
+                "`replicator backups list --json`)",
+                {"200": _ok("backups"),
+                 "503": _UNAVAILABLE})},
             "/v1/destinations": {"get": op("Each further destination's live state",
                                            {"200": _ok("destinations")})},
             "/v1/restores": {"post": op(

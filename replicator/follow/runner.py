@@ -158,6 +158,7 @@ class Follower:
         self.store = store
         #: bearer token presented to the live endpoints (never logged)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._auth_warned: set[str] = set()
         self.replica = replica
         self.registry = registry
         self.topic_entities = {t: t for t in topics if t in registry.entities}
@@ -294,6 +295,12 @@ class Follower:
             try:
                 async with self._http.get(url, params=params) as r:
                     if r.status != 200:
+                        if r.status in (401, 403) and url not in self._auth_warned:
+                            self._auth_warned.add(url)  # once per endpoint, never the token
+                            log.warning("live tail refused the admin token (HTTP %s): "
+                                        "following sealed segments only; check "
+                                        "server.tokens_file / REPLICATOR_ADMIN_TOKENS",
+                                        r.status, extra={"url": url})
                         log.debug("live tail answered HTTP %s", r.status, extra={"url": url})
                         continue
                     body = await r.read()
