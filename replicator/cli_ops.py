@@ -10,19 +10,10 @@ from typing import Any
 import click
 
 from replicator.cli import _config, _dump, _human_bytes, _run, main
+from replicator.ops.drill import fmt_duration
 from replicator.restore.point import format_ms
 
 _STATE_STYLE = {"met": "green", "at risk": "yellow", "missed": "bold red", "unknown": "yellow"}
-
-
-def _fmt_s(v: float | None) -> str:
-    if v is None:
-        return "n/a"
-    if v >= 3600:
-        return f"{v / 3600:.1f}h"
-    if v >= 60:
-        return f"{v / 60:.1f}m"
-    return f"{v:.1f}s"
 
 
 def status_renderable(doc: dict[str, Any]) -> Any:
@@ -38,7 +29,7 @@ def status_renderable(doc: dict[str, Any]) -> Any:
                  "RPO (worst destination)", "rto": "RTO (last drill, extrapolated)"}[name]
         head.append(f"  {label:<32}")
         head.append(f"{o['state'].upper():<8}", style=_STATE_STYLE[o["state"]])
-        head.append(f" {_fmt_s(o['value_s'])} of {_fmt_s(o['objective_s'])}\n")
+        head.append(f" {fmt_duration(o['value_s'])} of {fmt_duration(o['objective_s'])}\n")
     st = doc["store"]
     head.append(f"  store {st['url']}: " + (
         f"up (listed in {st.get('list_seconds', 0):.2f}s)" if st["up"]
@@ -57,7 +48,7 @@ def status_renderable(doc: dict[str, Any]) -> Any:
                       "?" if p["high_watermark"] is None else f"{p['high_watermark']:,}",
                       "?" if p["lag"] is None else f"{p['lag']:,}",
                       "-" if p["committed"] is None else f"{p['committed']:,}",
-                      _fmt_s(p["rpo_s"]))
+                      fmt_duration(p["rpo_s"]))
         parts.append(t)
     if doc["restorable"]:
         t = Table(title="restorable window", title_justify="left")
@@ -69,7 +60,7 @@ def status_renderable(doc: dict[str, Any]) -> Any:
         parts.append(t)
     snaps = doc["snapshots"]
     parts.append(Text("snapshots: " + (", ".join(
-        f"{k} {v['time']} ({_fmt_s(v['age_s'])} ago, {_human_bytes(v['bytes'])})"
+        f"{k} {v['time']} ({fmt_duration(v['age_s'])} ago, {_human_bytes(v['bytes'])})"
         for k, v in sorted(snaps.items())) or "none yet")))
     q = doc["quarantine"]
     parts.append(Text("quarantine: " + ", ".join(f"{k} {v:,}" for k, v in q.items())))
@@ -82,12 +73,13 @@ def status_renderable(doc: dict[str, Any]) -> Any:
             continue
         t.add_row(d["name"] + (" (required)" if d["required"] else ""), "up",
                   f"{d['backlog_objects']} ({_human_bytes(d['backlog_bytes'])})",
-                  format_ms(d["newest_restorable_ms"]), _fmt_s(d["rpo_s"]))
+                  format_ms(d["newest_restorable_ms"]), fmt_duration(d["rpo_s"]))
     parts.append(t)
     dr = doc["last_drill"]
     parts.append(Text("last drill: " + ("none yet (replicator drill)" if dr is None else
                       f"{dr['time']} " + ("ok" if dr["ok"] else f"FAILED: {dr['error']}")
-                      + (f", RTO {_fmt_s(dr.get('rto_extrapolated_s'))}" if dr["ok"] else ""))))
+                      + (f", RTO {fmt_duration(dr.get('rto_extrapolated_s'))}"
+                         if dr["ok"] else ""))))
     for f in doc.get("followers", []):
         parts.append(Text(f"follower {f['target']}: " + (
             "bootstrapped" if f["bootstrapped"] else "NOT bootstrapped")

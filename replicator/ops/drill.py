@@ -275,6 +275,16 @@ def load_history(data_dir: Path) -> list[dict[str, Any]]:
 _BARS = " ▁▂▃▄▅▆▇█"
 
 
+def fmt_duration(v: float | None) -> str:
+    """``12.3s``, ``4.5m``, ``2.0h``, ``367.8d``; ``n/a`` for None."""
+    if v is None or v != v:
+        return "n/a"
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if v >= size * (2 if unit == "d" else 1):
+            return f"{v / size:.1f}{unit}"
+    return f"{v:.2f}s" if v < 10 else f"{v:.1f}s"
+
+
 def sparkline(values: Sequence[float | None]) -> str:
     """One character per value, scaled to the largest (``×`` for a failed drill)."""
     real = [v for v in values if v is not None]
@@ -294,15 +304,16 @@ def render(report: dict[str, Any], history: Sequence[dict[str, Any]]) -> str:
             lines.append(f"  {entity}: {report['rows'][entity]:,} rows, digest "
                          f"{report['digests'][entity][:12]}…, ok")
         lines.append(
-            f"  RTO {report['rto_s']:.2f}s measured, {report['rto_extrapolated_s']:.2f}s "
-            f"for the full data ({report['full_bytes']:,} bytes): "
-            f"{'met' if report['rto_met'] else 'MISSED'} (objective {obj['rto_s']:g}s)")
+            f"  RTO {fmt_duration(report['rto_s'])} measured, "
+            f"{fmt_duration(report['rto_extrapolated_s'])} for the full data "
+            f"({report['full_bytes']:,} bytes): "
+            f"{'met' if report['rto_met'] else 'MISSED'} (objective "
+            f"{fmt_duration(obj['rto_s'])})")
     else:
         lines.append(f"  FAILED: {report['error']}")
     rpo = report.get("rpo_s")
-    lines.append("  RPO " + ("n/a" if rpo is None else f"{rpo:.1f}s") + ": "
-                 + ("met" if report.get("rpo_met") else "MISSED")
-                 + f" (objective {obj['rpo_s']:g}s)")
+    lines.append(f"  RPO {fmt_duration(rpo)}: " + ("met" if report.get("rpo_met") else "MISSED")
+                 + f" (objective {fmt_duration(obj['rpo_s'])})")
     recent = list(history)[-30:]
     if recent:
         rto = [r.get("rto_extrapolated_s") if r.get("ok") else None for r in recent]
@@ -311,6 +322,6 @@ def render(report: dict[str, Any], history: Sequence[dict[str, Any]]) -> str:
         top_rto = max((v for v in rto if v is not None), default=0.0)
         top_rpo = max((v for v in rpos if v is not None), default=0.0)
         lines.append(f"last {len(recent)} drills ({fails} failed):")
-        lines.append(f"  RTO {sparkline(rto)}  max {top_rto:.2f}s")
-        lines.append(f"  RPO {sparkline(rpos)}  max {top_rpo:.1f}s")
+        lines.append(f"  RTO {sparkline(rto)}  max {fmt_duration(top_rto)}")
+        lines.append(f"  RPO {sparkline(rpos)}  max {fmt_duration(top_rpo)}")
     return "\n".join(lines)
