@@ -39,8 +39,11 @@ export REPLICATOR_INGEST_DATA_DIR="${REPLICATOR_INGEST_DATA_DIR:-./var/replicato
 "$REPLICATOR" topics --partitions 3
 echo "replicator: store ./var/replicator/store, demo publisher at ${DEMO_RATE} events/s." \
      "Admin API and metrics on http://127.0.0.1:9187 (bearer token in" \
-     "${REPLICATOR_INGEST_DATA_DIR}/admin.token, created at start). Ctrl-C to stop." >&2
+     "${REPLICATOR_INGEST_DATA_DIR}/admin.token, created at start). In another shell:" \
+     "export REPLICATOR_KAFKA_BOOTSTRAP_SERVERS=$bootstrap; .venv/bin/replicator status." \
+     "Ctrl-C to stop." >&2
 "$REPLICATOR" run --demo-rate "$DEMO_RATE" || status=$?
-echo "see what was stored: .venv/bin/replicator backups list; are the objectives met:" \
-     ".venv/bin/replicator status; rehearse a recovery: .venv/bin/replicator drill" >&2
+echo "see what was stored: .venv/bin/replicator backups list; rehearse a recovery:" \
+     ".venv/bin/replicator drill; are the objectives met (with the broker running):" \
+     "REPLICATOR_KAFKA_BOOTSTRAP_SERVERS=\$(cat $KAFKA_DIR/bootstrap) .venv/bin/replicator status" >&2
 exit "${status:-0}"

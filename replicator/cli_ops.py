@@ -110,9 +110,14 @@ def status_cmd(ctx: click.Context, followers: tuple[str, ...], no_broker: bool, 
     Exit codes: 0 everything met, 10 an objective missed or a store down,
                 11 an objective at risk or unknown.
     """
+    import logging
+
     from replicator.ops.status import collect_status
 
     cfg = _config(ctx)
+    # an unreachable broker is part of the status document; aiokafka's own retry errors
+    # would only repeat it on stderr
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
     async def one() -> dict[str, Any]:
         doc = await collect_status(cfg, broker=not no_broker)

@@ -238,7 +238,7 @@ def test_plan_estimates_from_the_last_good_drill_and_lists_every_scenario(
         "the replicator lost its disk", "a destination was lost"]
     text = render_plan(doc)
     assert "replicator --config /etc/r.toml restore --at latest" in text
-    assert "--swap-into public" in text and "40s" in text
+    assert "--swap-into public" in text and "40.0s" in text
     none = build_plan(cfg, [], restore_bytes=None, static_estimate_s=None)
     assert none["restore_estimate"]["seconds"] is None
     assert "no drill on record" in " ".join(none["warnings"])

@@ -178,7 +178,7 @@ async def run_drill(cfg: Config, *, at: str = "latest", target: str | None = Non
         report["rpo_s"] = (None if latest.at_ms is None
                            else round(max(0.0, (started_ms - latest.at_ms) / 1e3), 3))
         if target is None or target == "":
-            root = scratch_root(cfg.ingest.data_dir)
+            root = scratch_root(cfg.ingest.data_dir).resolve()  # data_dir may be relative
             sweep_scratch_dirs(root, cutoff)
             root.mkdir(parents=True, exist_ok=True)
             scratch_dir = Path(tempfile.mkdtemp(prefix=f"{drill_id}-", dir=root))

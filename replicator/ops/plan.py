@@ -151,29 +151,31 @@ def _warnings(cfg: Config, drills: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def render_plan(doc: dict[str, Any]) -> str:
+    from replicator.ops.drill import fmt_duration as d
+
     o, s, e = doc["objectives"], doc["schedule"], doc["restore_estimate"]
     lines = ["DISASTER-RECOVERY PLAN", "",
-             f"Objectives: RPO {o['rpo_s']:g}s, RTO {o['rto_s']:g}s", "",
+             f"Objectives: RPO {d(o['rpo_s'])}, RTO {d(o['rto_s'])}", "",
              "Backup schedule:",
              f"  durable locally every {s['group_commit_ms']} ms (group commit); segments "
-             f"sealed into the store at least every {s['segment_seal_s']:g}s",
+             f"sealed into the store at least every {d(s['segment_seal_s'])}",
              "  snapshots: " + ("off" if not s["snapshots"]["enabled"] else
-                                ", ".join(f"{k.removesuffix('_s')} every {v:g}s"
+                                ", ".join(f"{k.removesuffix('_s')} every {d(v)}"
                                           for k, v in s["snapshots"].items()
                                           if k != "enabled")),
              f"  retention: segments {s['retention']['segments_days']:g} days, archive "
              f"after {s['retention']['archive_after_days']:g} days "
              f"({s['retention']['archive_tier']}), deleted after "
              f"{s['retention']['archive_delete_days']:g} days",
-             "  drills: " + (f"every {s['drills']['interval_s']:g}s at "
+             "  drills: " + (f"every {d(s['drills']['interval_s'])} at "
                              f"{s['drills']['at']}" if s["drills"]["enabled"] else "off"),
              "", "Destinations:"]
-    for d in doc["destinations"]:
-        lines.append(f"  {d['name']:<10} {'required' if d['required'] else 'optional':<9} "
-                     f"{d['url']}")
+    for dest in doc["destinations"]:
+        lines.append(f"  {dest['name']:<10} "
+                     f"{'required' if dest['required'] else 'optional':<9} {dest['url']}")
     secs = e["seconds"]
     lines += ["", "Expected restore time of the newest point: "
-              + ("unknown" if secs is None else f"{secs:g}s")
+              + ("unknown" if secs is None else d(secs))
               + (f" for {e['restore_bytes']:,} bytes" if e["restore_bytes"] else "")
               + f" ({e['basis']})"
               + ("" if e["meets_rto"] is None else

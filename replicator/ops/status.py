@@ -276,6 +276,7 @@ async def collect_status(cfg: Config, *, broker: bool = True,
         except BrokerError as exc:
             doc["broker"].update(up=False, error=str(exc))
     partitions = []
+    answered = int(time.time() * 1000) if now_ms is None else now_ms  # ages as of the answer
     local_rpo: float | None = 0.0 if doc["broker"]["up"] else None
     lost = False
     for tp in sorted(set(durable) | set(positions)):
@@ -287,7 +288,7 @@ async def collect_status(cfg: Config, *, broker: bool = True,
         if pending == "none":
             rpo = 0.0
         elif pending == "ts":
-            rpo = max(0.0, (now - pos["oldest_pending_ms"]) / 1e3)
+            rpo = max(0.0, (answered - pos["oldest_pending_ms"]) / 1e3)
         lost = lost or pending == "lost"
         if local_rpo is not None:
             local_rpo = None if rpo is None else max(local_rpo, rpo)
