@@ -329,3 +329,15 @@ async def test_status_calls_offsets_kafka_removed_before_they_were_durable_lost(
     assert rows[topics["config"]]["pending"] == "ts"
     assert doc["objectives"]["rpo_local"]["state"] == "missed"
     assert doc["exit_code"] == 10
+
+
+async def test_drill_with_a_relative_data_dir(tmp_path: Path, history: History,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default config (data_dir = ./var/replicator) is relative: the scratch database
+    still needs an absolute sqlite:// path (found by hand with make run)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_config(tmp_path, history.store_root), env={})
+    cfg = replace(cfg, ingest=replace(cfg.ingest, data_dir=Path("rel/data")))
+    report = await run_drill(cfg)
+    assert report["ok"] is True, report
+    assert _scratch_leftovers(tmp_path / "rel" / "data") == []
