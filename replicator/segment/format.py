@@ -344,6 +344,57 @@ def iter_values(raw: bytes, start: int = 0) -> Iterator[tuple[int, int, bytes | 
             yield off, ts, value
 
 
+def check_records(raw: bytes, start: int, end: int) -> int:
+    """Walk the framing of an uncompressed block payload without building records; return
+    how many it holds. Raises ValueError when a record runs past the payload, a length is
+    negative where it may not be, offsets are not increasing inside ``[start, end)``, or a
+    header name is not UTF-8. The same checks as decoding every record with
+    :func:`iter_records`, several times cheaper (a run of identical header regions, the usual
+    case, is checked once)."""
+    unpack = RECORD_HEADER.unpack_from
+    rsize = RECORD_HEADER.size
+    name_unpack = HEADER_NAME.unpack_from
+    nsize = HEADER_NAME.size
+    hval_unpack = HEADER_VALUE.unpack_from
+    hsize = HEADER_VALUE.size
+    last_hdr = b""
+    last_hcount = -1
+    pos = 0
+    n = len(raw)
+    count = 0
+    prev = start - 1
+    while pos < n:
+        off, _ts, _tt, klen, vlen, hcount = unpack(raw, pos)  # struct.error past the end
+        if not prev < off < end:
+            raise ValueError(f"record offset {off} out of order or outside [{start}, {end})")
+        prev = off
+        if klen < -1 or vlen < -1:
+            raise ValueError(f"negative length at byte {pos}")
+        pos += rsize + max(klen, 0) + max(vlen, 0)
+        if hcount:
+            hl = len(last_hdr)
+            if hcount == last_hcount and raw[pos : pos + hl] == last_hdr:
+                pos += hl
+            else:
+                h0 = pos
+                for _ in range(hcount):
+                    (nlen,) = name_unpack(raw, pos)
+                    raw[pos + nsize : pos + nsize + nlen].decode()
+                    pos += nsize + nlen
+                    (vl,) = hval_unpack(raw, pos)
+                    if vl < -1:
+                        raise ValueError(f"negative header length at byte {pos}")
+                    pos += hsize + max(vl, 0)
+                if pos > n:
+                    raise ValueError("headers run past the end of the block")
+                last_hdr = raw[h0:pos]
+                last_hcount = hcount
+        if pos > n:
+            raise ValueError("a record runs past the end of the block")
+        count += 1
+    return count
+
+
 def _decode_header(raw: bytes, pos: int) -> tuple[tuple[str, bytes | None], int]:
     """One header at ``pos``: ``((name, value), position after it)``."""
     (nlen,) = HEADER_NAME.unpack_from(raw, pos)

@@ -19,6 +19,7 @@ import bisect
 import logging
 import mmap
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,18 +353,9 @@ class SegmentReader:
                 expected = meta.end
                 continue
             raw = self._payload(meta)
-            n = 0
             try:
-                for rec in fmt.iter_records(raw):
-                    if not meta.start <= rec.offset < meta.end:
-                        raise CorruptSegmentError(
-                            self.name,
-                            meta.position,
-                            f"record offset {rec.offset} outside block",
-                            meta.start,
-                        )
-                    n += 1
-            except (ValueError, IndexError, UnicodeDecodeError) as exc:
+                n = fmt.check_records(raw, meta.start, meta.end)
+            except (ValueError, IndexError, UnicodeDecodeError, struct.error) as exc:
                 raise CorruptSegmentError(
                     self.name, meta.position, f"bad record framing: {exc}", meta.start
                 ) from exc
