@@ -216,6 +216,10 @@ def drill_cmd(ctx: click.Context, at: str | None, target: str | None, source: st
 
     report = _run(go())
     if report is None:
+        # asyncio.run has joined the restore's worker threads: nothing writes any more
+        from replicator.ops.drill import scratch_root, sweep_scratch_dirs
+
+        sweep_scratch_dirs(scratch_root(cfg.ingest.data_dir).resolve())
         click.echo("replicator: error: drill interrupted; its scratch target was removed",
                    err=True)
         sys.exit(130)

@@ -255,15 +255,21 @@ async def test_drill_sweeps_scratch_left_by_drills_killed_hard(
 
     cfg = load_config(_config(tmp_path, history.store_root), env={})
     root = scratch_root(cfg.ingest.data_dir)
+    import fcntl
+
     old = root / "20200101T000000000Z-abcdef-x"
-    young = root / "recent-drill-still-running"
-    for d in (old, young):
+    live = root / "drill-still-running"
+    for d in (old, live):
         d.mkdir(parents=True)
         (d / "drill.db").write_bytes(b"left behind")
-    os.utime(old, (0, 0))
-    report = await run_drill(cfg)
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a drill running right now holds its scratch
+    try:
+        report = await run_drill(cfg)
+    finally:
+        os.close(fd)
     assert report["ok"] is True
-    assert _scratch_leftovers(cfg.ingest.data_dir) == [young]  # young ones may be live
+    assert _scratch_leftovers(cfg.ingest.data_dir) == [live]
     assert schema_time_ms("drill_20200101t000000123z_abcdef") == 1577836800123
     assert schema_time_ms("drill_nope") is None and schema_time_ms("public") is None
     conn = await asyncpg.connect(pg_dsn)

@@ -282,8 +282,11 @@ INVALID: list[tuple[str, Callable[[], Event], str]] = [
 
 
 def test_registry_shape(registry: SchemaRegistry) -> None:
-    assert registry.directory == DEFAULT_SCHEMA_DIR
-    assert Path(__file__).resolve().parent.parent / "schemas" == DEFAULT_SCHEMA_DIR
+    assert registry.directory == DEFAULT_SCHEMA_DIR.resolve()
+    # the package ships the repository's schemas/ (a symlink in a source checkout)
+    assert Path(__file__).resolve().parent.parent / "schemas" == DEFAULT_SCHEMA_DIR.resolve()
+    assert {p.name for p in DEFAULT_SCHEMA_DIR.glob("*.json")} == {
+        "envelope.json", "attendance.json", "participant.json", "config.json"}
     assert registry.entities == ("attendance", "participant", "config")
     assert registry.ops == ("upsert", "delete")
     assert registry.key_max_length == 256

@@ -15,8 +15,9 @@ Figures (all in the report):
 
 Reports are JSON files ``<data_dir>/drills/<time>-<id>.json`` (and the human report as
 ``.txt``); the newest ``drill.keep`` are kept. The scratch is removed on success, failure and
-cancellation; what a hard kill leaves (``<data_dir>/drills/scratch/*``, ``drill_*`` schemas)
-is removed by a later drill once older than a day (or twice the RTO objective). A failed
+cancellation; what a hard kill leaves is removed by a later drill: scratch directories no
+running drill holds (each holds a lock on its own), and ``drill_*`` schemas once older than a
+day (or twice the RTO objective). A failed
 drill (corrupt backup, digest mismatch, nothing restorable, anything else that breaks) is a
 report with ``ok: false`` and the error, never an exception the caller must catch.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import fcntl
 import os
 import random
 import re
@@ -105,16 +107,34 @@ def schema_time_ms(schema: str) -> int | None:
     return int(calendar.timegm(t) * 1000) + int(m.group(3))
 
 
-def sweep_scratch_dirs(root: Path, cutoff_ms: int) -> int:
-    """Remove scratch directories of earlier drills last touched before ``cutoff_ms``."""
+def claim_scratch(path: Path) -> int:
+    """Lock the scratch directory ``path`` for this drill (released when the fd closes,
+    also by the kernel when the process dies); returns the fd."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def sweep_scratch_dirs(root: Path) -> int:
+    """Remove scratch directories no running drill holds (left by drills that were killed,
+    or whose restore thread was still writing when they were cancelled)."""
     n = 0
     if not root.is_dir():
         return 0
     for p in root.iterdir():
-        with contextlib.suppress(OSError):
-            if p.stat().st_mtime * 1000 < cutoff_ms:
-                shutil.rmtree(p, ignore_errors=True)
-                n += 1
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a drill running right now
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+        finally:
+            os.close(fd)
     return n
 
 
@@ -162,6 +182,7 @@ async def run_drill(cfg: Config, *, at: str = "latest", target: str | None = Non
         "objectives": {"rpo_s": cfg.objectives.rpo_s, "rto_s": cfg.objectives.rto_s},
     }
     scratch_dir: Path | None = None
+    scratch_fd: int | None = None
     pg_cleanup: tuple[str, str] | None = None
     cutoff = stale_cutoff_ms(started_ms, cfg.objectives.rto_s)
     tiers = Tiers.for_store(store, cfg.retention.archive_url)
@@ -179,9 +200,10 @@ async def run_drill(cfg: Config, *, at: str = "latest", target: str | None = Non
                            else round(max(0.0, (started_ms - latest.at_ms) / 1e3), 3))
         if target is None or target == "":
             root = scratch_root(cfg.ingest.data_dir).resolve()  # data_dir may be relative
-            sweep_scratch_dirs(root, cutoff)
+            sweep_scratch_dirs(root)
             root.mkdir(parents=True, exist_ok=True)
             scratch_dir = Path(tempfile.mkdtemp(prefix=f"{drill_id}-", dir=root))
+            scratch_fd = claim_scratch(scratch_dir)
             url = f"sqlite://{scratch_dir / 'drill.db'}"
             report["target"] = "temporary SQLite database"
         elif target.startswith(("postgresql://", "postgres://")):
@@ -218,6 +240,9 @@ async def run_drill(cfg: Config, *, at: str = "latest", target: str | None = Non
         await store.close()
         if scratch_dir is not None:
             shutil.rmtree(scratch_dir, ignore_errors=True)
+        if scratch_fd is not None:
+            os.close(scratch_fd)  # a cancelled restore thread may still write: the next
+            # sweep (the drill command runs one once its threads ended) removes the rest
         if pg_cleanup is not None:
             with contextlib.suppress(Exception):
                 await _drop_pg_schema(*pg_cleanup, stale_before_ms=cutoff)
