@@ -191,6 +191,21 @@ def compaction_subprocess(workdir: Path, args: argparse.Namespace) -> dict[str, 
     return result
 
 
+def ops_subprocess(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Verify (full, incremental, deep) and drill on one synthetic store, own process."""
+    root = Path(__file__).resolve().parent.parent
+    out = workdir / "ops.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.verify_bench", "--workdir", str(workdir / "ops"),
+         "--events", str(args.ops_events), "--out", str(out)],
+        cwd=root, stdout=subprocess.DEVNULL, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.verify_bench exited {proc.returncode}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
 def replicas_subprocess(bootstrap: str, workdir: Path, args: argparse.Namespace
                         ) -> dict[str, Any]:
     """The replicas section (its own process; it starts versitygw, the service, a follower
@@ -274,6 +289,24 @@ def _table(results: dict[str, Any]) -> None:
                 ("compaction", "history_10x_over_1x",
                  f"{cmp['history_10x_over_1x']:.3f} (goal <= 1.3)"),
             ]
+    ops = results["sections"].get("ops")
+    if ops:
+        st = ops["store"]
+        rows += [
+            ("ops", "store", f"{ops['events']:,} events, {st['segments']} segments + "
+                             f"{st['snapshot_files']} snapshot files, "
+                             f"{(st['segment_bytes'] + st['snapshot_bytes']) / 1e6:.0f} MB"),
+            ("ops", "verify full / incremental", f"{ops['full']['seconds']}s / "
+                                                 f"{ops['incremental']['seconds']}s "
+                                                 f"({ops['full_over_incremental']}x)"),
+            ("ops", "verify --deep first / again", f"{ops['deep_first']['seconds']}s / "
+                                                   f"{ops['deep_again']['seconds']}s"),
+        ]
+        for mode, d in ops.get("drill", {}).items():
+            rows.append(("ops", f"drill {mode}", f"RTO {d['rto_s']}s (extrapolated "
+                                                 f"{d['rto_extrapolated_s']}s), "
+                                                 f"{sum(d['rows'].values()):,} rows, "
+                                                 f"{d['bytes_read'] / 1e6:.0f} MB read"))
     rpo = results["sections"].get("rpo")
     if rpo:
         rows += [
@@ -361,6 +394,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         if "compaction" in sections:
             log("compaction: section start (bench/compaction_bench.py)")
             results["sections"]["compaction"] = compaction_subprocess(workdir, args)
+        if "ops" in sections:
+            log("ops: section start (bench/verify_bench.py: verify and drill)")
+            results["sections"]["ops"] = ops_subprocess(workdir, args)
         if not {"ingest", "rpo", "replicas"} & set(sections):
             return results
         bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
@@ -403,11 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rpo-rate", type=float, default=20_000)
     p.add_argument("--rpo-seconds", type=float, default=25)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--sections", default="ingest,rpo,restore,compaction,replicas")
+    p.add_argument("--sections", default="ingest,rpo,restore,compaction,ops,replicas")
     p.add_argument("--restore-keys", type=int, default=1_000_000)
     p.add_argument("--restore-events", type=int, default=5_000_000)
     p.add_argument("--compaction-keys", type=int, default=1_000_000)
     p.add_argument("--compaction-events", type=int, default=5_000_000)
+    p.add_argument("--ops-events", type=int, default=1_000_000,
+                   help="ops: events of the store verify and drill run on")
     p.add_argument("--replicas-rate", type=float, default=10_000)
     p.add_argument("--replicas-seconds", type=float, default=22)
     p.add_argument("--s3-files", type=int, default=4, help="replicas: files of 64 MiB")
@@ -421,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         args.replicas_seconds, args.s3_files = 8, 2
         args.restore_keys, args.restore_events = 50_000, 250_000
         args.compaction_keys, args.compaction_events = 50_000, 250_000
+        args.ops_events = 100_000
     results = asyncio.run(amain(args))
     # sections not run this time keep their previous figures (each says when it was measured)
     for sec in results["sections"].values():

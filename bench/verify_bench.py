@@ -15,7 +15,9 @@ Measured in one process, in order (``state`` = ``<workdir>/verify-state.json``):
   entries removed from the state) -- the new files plus the sample;
 * ``deep_first`` / ``deep_again``: ``--deep`` when no snapshot was rebuilt yet (the full
   from every segment before its cut, the incremental from its range) and right after (none
-  due: snapshots are immutable).
+  due: snapshots are immutable);
+* ``drill``: ``replicator drill`` of the same store at ``latest`` and at a random point (a
+  verified restore into a temporary SQLite database): its RTO and what it read.
 
 Run: ``python -m bench.verify_bench --workdir /tmp/vb [--events 1000000 --per-segment 2500]``
 (prints one JSON document; ``--out FILE`` also writes it).
@@ -154,6 +156,27 @@ def _run(store: LocalStore, state: Path, reg: SchemaRegistry, **kw: Any) -> dict
             "deep": rep.checks.get("deep")}
 
 
+def _drills(store_root: Path, data_dir: Path) -> dict[str, Any]:
+    """``replicator drill`` on the same store: the RTO it measures at ``latest`` (from the
+    full + incremental snapshot chain) and at a random point (snapshot plus segments)."""
+    from dataclasses import replace
+
+    from replicator.config import Config, KafkaSettings, StoreSettings
+    from replicator.ops.drill import run_drill
+
+    cfg = replace(Config(), kafka=replace(KafkaSettings(), topics=("attendance",)),
+                  store=StoreSettings(url=str(store_root)),
+                  ingest=replace(Config().ingest, data_dir=data_dir))
+    out: dict[str, Any] = {}
+    for mode in ("latest", "random"):
+        r = asyncio.run(run_drill(cfg, at=mode, seed=1))
+        assert r["ok"], r
+        out[mode] = {k: r[k] for k in ("rto_s", "rto_extrapolated_s", "bytes_read",
+                                       "full_bytes", "events", "rows", "replay_seconds",
+                                       "load_seconds", "snapshots")}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, required=True)
@@ -198,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     res["deep_again"] = _run(store, state, reg, deep=True)
     res["full_over_incremental"] = round(res["full"]["seconds"]
                                          / max(res["incremental"]["seconds"], 1e-6), 1)
+    log("drill (latest, then a random point) into a temporary SQLite database")
+    res["drill"] = _drills(store.root, a.workdir / "drill-data")
     doc = json.dumps(res, indent=2)
     print(doc)
     if a.out:

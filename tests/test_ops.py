@@ -79,9 +79,15 @@ def test_drill_point_and_extrapolation() -> None:
     assert all(isinstance(p, AtTime) and 1000 <= p.ts_ms <= 2000 for p in pts)
     assert len({p.ts_ms for p in pts if isinstance(p, AtTime)}) > 100
     assert isinstance(pick_point("random", None, 2000, rng), Latest)  # no window: latest
-    assert extrapolate(2.0, 100, 400) == 8.0
-    assert extrapolate(2.0, 400, 100) == 2.0  # never below the measured time
-    assert extrapolate(2.0, 0, 100) == 2.0
+    def ex(seconds: float, replay: float, load: float, b: tuple[int, int],
+           r: tuple[int, int]) -> float:
+        return extrapolate(seconds, replay_s=replay, load_s=load, drill_bytes=b[0],
+                           full_bytes=b[1], drill_rows=r[0], full_rows=r[1])
+
+    # 1 s of other work, 2 s replay over a quarter of the bytes, 3 s load of half the rows
+    assert ex(6.0, 2.0, 3.0, (100, 400), (50, 100)) == 1.0 + 8.0 + 6.0
+    assert ex(6.0, 2.0, 3.0, (400, 100), (100, 50)) == 6.0  # never below the measured time
+    assert ex(6.0, 2.0, 3.0, (0, 100), (0, 100)) == 6.0
     url = scratch_pg_url("postgresql://u@h:5/db?schema=prod&sslmode=disable", "drill_x")
     assert url == "postgresql://u@h:5/db?sslmode=disable&schema=drill_x"
     assert sparkline([1.0, 2.0, None, 4.0]) == "▂▄×█"

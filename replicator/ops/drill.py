@@ -8,9 +8,11 @@ default, or a fresh ``drill_<id>`` schema of a PostgreSQL database.
 Figures (all in the report):
 
 * ``rto_s`` — wall time of the restore (plan, fetch, replay, load, verify);
-* ``rto_extrapolated_s`` — ``rto_s`` scaled by the bytes a restore of the newest point of
-  every entity reads over the bytes this drill read (restore time grows with what it
-  reads; a drill of ``latest`` needs no scaling);
+* ``rto_extrapolated_s`` — ``rto_s`` scaled to a restore of the newest point of every
+  entity: its replay part by the bytes that restore reads over the bytes this drill read,
+  its load part (write, read-back digest) by the rows it writes over the rows this drill
+  wrote (estimated from the plan: snapshot live rows plus every later event, an upper
+  bound); a drill of ``latest`` needs no scaling;
 * ``rpo_s`` — age of the newest restorable point of the store at the drill's start.
 
 Reports are JSON files ``<data_dir>/drills/<time>-<id>.json`` (and the human report as
@@ -71,11 +73,28 @@ def pick_point(mode: str, oldest_ms: int | None, newest_ms: int | None,
     return AtTime(rng.randint(oldest_ms, newest_ms))
 
 
-def extrapolate(seconds: float, drill_bytes: int, full_bytes: int) -> float:
-    """Restore time scaled to the full data size (never below the measured time)."""
-    if drill_bytes <= 0 or full_bytes <= drill_bytes:
-        return seconds
-    return seconds * full_bytes / drill_bytes
+def extrapolate(seconds: float, *, replay_s: float, load_s: float, drill_bytes: int,
+                full_bytes: int, drill_rows: int, full_rows: int) -> float:
+    """Restore time scaled to the full data: the replay part by bytes read, the load part
+    (write, read-back digest) by rows, the rest as measured; never below the measured
+    time."""
+    def factor(full: int, drill: int) -> float:
+        return max(1.0, full / drill) if drill > 0 else 1.0
+
+    other = max(0.0, seconds - replay_s - load_s)
+    return other + replay_s * factor(full_bytes, drill_bytes) + load_s * factor(
+        full_rows, drill_rows)
+
+
+def full_rows_estimate(latest: Any) -> int:
+    """Rows a restore of the newest point writes, from its plan without reading data: the
+    live rows of its base snapshot, the entries of the snapshots layered on it and every
+    event after them (an upper bound)."""
+    topics = {p.topic for p in latest.partitions}
+    chain = list(latest.snapshots)  # base (a full) first
+    base = sum(f.live for m in chain[:1] for f in m.files if f.topic in topics)
+    later = sum(f.entries for m in chain[1:] for f in m.files if f.topic in topics)
+    return int(base + later + sum(p.events_estimate for p in latest.partitions))
 
 
 def scratch_pg_url(url: str, schema: str) -> str:
@@ -220,9 +239,16 @@ async def run_drill(cfg: Config, *, at: str = "latest", target: str | None = Non
         restore = await execute_restore(cat, reg, plan, url, progress=progress, tiers=tiers)
         seconds = time.monotonic() - t0
         rows = {r.entity: r.rows for r in restore.results}
+        drill_rows = sum(rows.values())
+        full_rows = drill_rows if plan is latest else max(drill_rows,
+                                                          full_rows_estimate(latest))
         report.update(
             ok=True, rto_s=round(seconds, 3),
-            rto_extrapolated_s=round(extrapolate(seconds, plan.bytes, latest.bytes), 3),
+            rto_extrapolated_s=round(extrapolate(
+                seconds, replay_s=restore.replay_seconds, load_s=restore.load_seconds,
+                drill_bytes=plan.bytes, full_bytes=latest.bytes, drill_rows=drill_rows,
+                full_rows=full_rows), 3),
+            full_rows=full_rows,
             bytes_read=plan.bytes, full_bytes=latest.bytes, events=restore.events,
             rows=rows, digests={r.entity: r.actual.hex for r in restore.results},
             replay_seconds=round(restore.replay_seconds, 3),
