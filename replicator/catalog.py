@@ -23,8 +23,8 @@ from typing import Any
 
 import orjson
 
-from replicator import naming
-from replicator.errors import CorruptSegmentError, SegmentError
+from replicator import crypto, naming
+from replicator.errors import CorruptSegmentError, KeyNotFoundError, SegmentError
 from replicator.segment import format as fmt
 from replicator.segment.reader import SegmentReader
 from replicator.storage.base import ObjectInfo, Store
@@ -265,18 +265,32 @@ def check_segment_file(path: Path, name: str) -> tuple[SegmentEntry | None, Prob
     contents cover what the name says. Blocking (run it in a thread).
 
     Returns the segment's entry when its blocks are readable and the problem found, if any:
-    ``corrupt`` (a check failed; position and offset of the bad block when known) or
-    ``unreadable`` (the file could not be opened or is of an unsupported version)."""
+    ``corrupt`` (a check failed, an authentication tag included; position and offset of the
+    bad block when known), ``unreadable`` (the file could not be opened or is of an
+    unsupported version, or encrypted with a key missing from the configured ones) or
+    ``unverifiable`` (encrypted, and this host holds no keys at all: the CRC was checked,
+    the tags and records could not be -- not evidence of damage)."""
     seg = naming.parse_segment_name(name)
     try:
         with SegmentReader(path, name=name, expect_sealed=True) as r:
             r.verify()
             entry = _entry(r, name, "store")
+            unauthenticated = r.unauthenticated_blocks
     except CorruptSegmentError as exc:
         return None, Problem("corrupt", name, seg.topic, seg.partition, exc.reason,
                              exc.position, exc.offset)
+    except KeyNotFoundError as exc:
+        # with keys configured, a key missing from them blocks every restore of this file:
+        # a real problem; on a host without any key it only cannot be checked here
+        kind = "unverifiable" if crypto.installed() is None else "unreadable"
+        return None, Problem(kind, name, seg.topic, seg.partition, str(exc))
     except (SegmentError, OSError) as exc:
         return None, Problem("unreadable", name, seg.topic, seg.partition, str(exc))
+    if unauthenticated:
+        return entry, Problem(
+            "unverifiable", name, seg.topic, seg.partition,
+            f"{unauthenticated} encrypted block(s) checked by CRC only: no keyring here "
+            "(configure [encryption] keys to check their tags and records)")
     if (entry.start, entry.end, entry.topic, entry.partition) != (
             seg.start, seg.end, seg.topic, seg.partition):
         return entry, Problem(

@@ -28,6 +28,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError, RecordTooLargeError
 
+from replicator import crypto
 from replicator.config import Config
 from replicator.destinations import Fanout, NotifyingStore, build_fanout
 from replicator.errors import BrokerError, ConfigError, ReplicatorError
@@ -122,6 +123,10 @@ class Ingestor:
         on_progress: Callable[[Ingestor], None] | None = None,
     ) -> None:
         self.config = config
+        if config.encryption.enabled and crypto.sealing() is None:
+            # the CLI installs the keyring when it loads the config; an embedding program
+            # (or a test) that did not must not silently write plaintext
+            crypto.configure(config)
         self.metrics = metrics or Metrics()
         self.store = store or open_store(config.store_url)
         self.primary = self.store

@@ -770,16 +770,22 @@ def test_restore_of_an_encrypted_store_equals_the_plain_one(
                 keys=KEY_B.hex())
     assert wrong.returncode == 4 and A.active in wrong.stderr and B.active in wrong.stderr
     assert_no_key(wrong.stderr + wrong.stdout, KEY_A, KEY_B)
-    # segments verify: with the key everything is authenticated; without one, CRC only;
-    # with a keyring that cannot read the data, that is a problem worth reporting
-    for config, keys, code in ((enc_cfg, None, 0), (tmp_path / "n.toml", None, 0),
-                               (tmp_path / "w.toml", KEY_B.hex(), 4)):
+    # segments verify: with the key everything is authenticated; without any key, CRC only
+    # (each segment noted "unverifiable", not a failure); with a keyring that cannot read
+    # the data, that is a problem worth reporting (no restore could read it)
+    for config, keys, code, kinds in ((enc_cfg, None, 0, set()),
+                                      (tmp_path / "n.toml", None, 0, {"unverifiable"}),
+                                      (tmp_path / "w.toml", KEY_B.hex(), 4, {"unreadable"})):
         res = cli(config, "segments", "verify", "--json", keys=keys)
         assert res.returncode == code, res.stderr
         doc = orjson.loads(res.stdout)
         assert doc["segments"] == (0 if code else len(segs)), doc
-        assert len(doc["problems"]) == (len(segs) if code else 0)
-        assert all(A.active in p["detail"] for p in doc["problems"])
+        assert {p["kind"] for p in doc["problems"]} == kinds
+        assert len(doc["problems"]) == (len(segs) if kinds else 0)
+        if code:
+            assert all(A.active in p["detail"] for p in doc["problems"])
+        elif kinds:
+            assert all("CRC only" in p["detail"] for p in doc["problems"])
 
 
 def test_mixed_store_rotation_compaction_and_restore(
@@ -843,3 +849,26 @@ def test_mixed_store_rotation_compaction_and_restore(
               keys=f"{KEY_B.hex()},{base64.b64encode(KEY_A).decode()}")
     assert res.returncode == 0, res.stderr
     assert restore_digests(edb) == restore_digests(pdb)
+
+
+def test_check_segment_file_without_keys_is_unverifiable_not_corrupt(tmp_path: Path) -> None:
+    """`verify` on a host without any key: encrypted segments are noted (CRC checked, tags
+    and records not), never reported corrupt; with the key every check runs; with keys
+    that lack it, the file is a problem (no restore could read it). Found in review."""
+    from replicator import naming
+    from replicator.catalog import check_segment_file
+    from replicator.ops.verify import finding_of
+
+    name = naming.segment_name("attendance", 3, 0, 10)
+    path = tmp_path / "seg"
+    write_segment(path, [records(4), records(6, start=4)], A, partition=3)
+    with crypto.installed_as(None, encrypt=False):
+        entry, problem = check_segment_file(path, name)
+        assert entry is not None and problem is not None and problem.kind == "unverifiable"
+        assert finding_of(problem).kind == "unverifiable" and not finding_of(problem).is_problem
+    with crypto.installed_as(A, encrypt=False):
+        assert check_segment_file(path, name)[1] is None
+    with crypto.installed_as(Keyring.from_keys([bytes(32)]), encrypt=False):
+        _entry, problem = check_segment_file(path, name)
+        assert problem is not None and problem.kind == "unreadable"
+        assert A.active in problem.detail and finding_of(problem).kind == "corrupt"

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from replicator import naming
+from replicator import crypto, naming
 from replicator.catalog import (
     Catalog,
     Problem,
@@ -139,8 +139,10 @@ class Finding:
 
 
 def finding_of(p: Problem) -> Finding:
-    """A catalog problem (corrupt | unreadable segment) as a finding."""
-    return Finding("corrupt", p.name, p.detail, p.topic, p.partition, p.offset,
+    """A catalog problem (corrupt | unreadable | unverifiable segment) as a finding;
+    ``unverifiable`` (no key here) is a note, read again every run until the key is."""
+    kind = "unverifiable" if p.kind == "unverifiable" else "corrupt"
+    return Finding(kind, p.name, p.detail, p.topic, p.partition, p.offset,
                    position=p.position)
 
 
@@ -740,9 +742,12 @@ def _check_snapshot(path: Path, name: str, f: SnapshotFile) -> tuple[Finding | N
     except CorruptSegmentError as exc:  # an authentication failure is corruption too
         return bad(exc.reason, position=exc.position)
     except KeyNotFoundError as exc:
-        # encrypted with a key this host does not hold: not evidence of damage; it stays
-        # unverified (and is read again every run) until it runs where the key is
-        return bad(f"cannot be checked here: {exc}", kind="unverifiable")
+        # on a host without any key: not evidence of damage; it stays unverified (read
+        # again every run) until it runs where the keys are. With keys configured, one
+        # missing from them blocks every restore of this file: a problem
+        if crypto.installed() is None:
+            return bad(f"cannot be checked here: {exc}", kind="unverifiable")
+        return bad(f"unreadable snapshot file: {exc}")
     except (ReplicatorError, OSError, ValueError, struct.error, KeyError) as exc:
         return bad(f"unreadable snapshot file: {exc}")
     if size != f.bytes:
