@@ -137,24 +137,12 @@ def claim_scratch(path: Path) -> int:
 def sweep_scratch_dirs(root: Path) -> int:
     """Remove scratch directories no running drill holds (left by drills that were killed,
     or whose restore thread was still writing when they were cancelled)."""
-    n = 0
+    from replicator.targets.scratch import remove_unlocked
+
     if not root.is_dir():
         return 0
-    for p in root.iterdir():
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a drill running right now
-            shutil.rmtree(p, ignore_errors=True)
-            n += 1
-        finally:
-            os.close(fd)
-    return n
+    return remove_unlocked(list(root.iterdir()),
+                           lambda p: shutil.rmtree(p, ignore_errors=True))
 
 
 async def _drop_pg_schema(url: str, schema: str, *, stale_before_ms: int | None = None

@@ -14,7 +14,7 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 #: a ``new-restore`` leftover (killed between create and rename) younger than this is kept
@@ -41,11 +41,12 @@ def release(fd: int | None) -> None:
             os.close(fd)
 
 
-def sweep(destination: Path, remove: Callable[[Path], None]) -> int:
-    """Remove abandoned scratch leftovers of ``destination``; returns how many."""
+def remove_unlocked(paths: Iterable[Path], remove: Callable[[Path], None],
+                    min_age_s: Callable[[Path], float] = lambda _p: 0.0) -> int:
+    """Remove each of ``paths`` that no live process holds locked (and that is at least
+    ``min_age_s(path)`` old); returns how many were removed."""
     n = 0
-    parent, name = destination.parent, destination.name
-    for p in [*parent.glob(f".{name}.tmp-restore-*"), *parent.glob(f".{name}.new-restore-*")]:
+    for p in paths:
         try:
             fd = os.open(p, os.O_RDONLY)
         except OSError:
@@ -54,12 +55,19 @@ def sweep(destination: Path, remove: Callable[[Path], None]) -> int:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                continue  # a restore running right now
-            new = ".new-restore-" in p.name
-            if new and time.time() - os.fstat(fd).st_mtime < MIN_NEW_AGE_S:
+                continue  # its owner is running right now
+            if time.time() - os.fstat(fd).st_mtime < min_age_s(p):
                 continue
             remove(p)
             n += 1
         finally:
             os.close(fd)
     return n
+
+
+def sweep(destination: Path, remove: Callable[[Path], None]) -> int:
+    """Remove abandoned scratch leftovers of ``destination``; returns how many."""
+    parent, name = destination.parent, destination.name
+    return remove_unlocked(
+        [*parent.glob(f".{name}.tmp-restore-*"), *parent.glob(f".{name}.new-restore-*")],
+        remove, lambda p: MIN_NEW_AGE_S if ".new-restore-" in p.name else 0.0)
