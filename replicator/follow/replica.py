@@ -33,6 +33,8 @@ from replicator.restore.layout import TableLayout
 from replicator.restore.replay import LiveRow
 from replicator.targets.base import RowIn, Target
 from replicator.targets.postgres import check_schema_name, pg_rows, split_url
+from replicator.targets.postgres import create_table_sql as pg_create_table_sql
+from replicator.targets.sqlite import create_table_sql as sqlite_create_table_sql
 from replicator.targets.sqlite import sqlite_row_fn
 
 TP = tuple[str, int]
@@ -122,6 +124,8 @@ class SqliteReplica:
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._row_fns: dict[str, Any] = {}
+        #: entity tables known to exist on the current connection
+        self._tables: set[str] = set()
 
     def bootstrap_target(self, restore_id: str) -> Target | None:
         from replicator.targets.sqlite import SqliteTarget
@@ -194,6 +198,12 @@ class SqliteReplica:
             for entity, changes in batch.items():
                 layout = layouts[entity]
                 t = _q(entity)
+                if entity not in self._tables:
+                    # an entity with nothing stored when the replica was bootstrapped has
+                    # no table yet: its first changes create it
+                    c.execute(sqlite_create_table_sql(layout, rowid=True).replace(
+                        "CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+                    self._tables.add(entity)
                 names = layout.column_names
                 cols = ", ".join(_q(n) for n in names)
                 sets = ", ".join(f"{_q(n)} = excluded.{_q(n)}" for n in names if n != "key")
@@ -217,11 +227,13 @@ class SqliteReplica:
                  for (t, p), pos in positions.items()])
             c.execute("COMMIT")
         except sqlite3.Error as exc:
+            self._tables.clear()  # a rolled-back CREATE TABLE is gone too
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise TargetError(f"{self.location}: applying changes failed: {exc}") from None
 
     async def close(self) -> None:
+        self._tables.clear()  # a bootstrap may replace the file
         task, self._checkpointer = self._checkpointer, None
         if task is not None:
             task.cancel()
@@ -250,6 +262,8 @@ class PostgresReplica:
         self.restore_url = urlunsplit(parts._replace(query=urlencode(query)))
         self._conn: asyncpg.Connection | None = None
         self._staged: set[str] = set()
+        #: entity tables known to exist (reset with the connection)
+        self._tables: set[str] = set()
 
     def bootstrap_target(self, restore_id: str) -> Target | None:
         return None  # the URL's PostgreSQL target, into this schema
@@ -261,6 +275,7 @@ class PostgresReplica:
             raise TargetError(f"cannot connect to {self.location}: "
                               f"{exc or type(exc).__name__}") from None
         self._staged = set()
+        self._tables = set()
 
     def _c(self) -> asyncpg.Connection:
         if self._conn is None:
@@ -307,6 +322,7 @@ class PostgresReplica:
                      for (t, p), pos in positions.items()])
         except asyncpg.PostgresError as exc:
             self._staged.clear()  # a rolled-back CREATE TEMP TABLE is gone too
+            self._tables.clear()
             raise TargetError(f"{self.location}: applying changes failed: {exc}") from None
 
     async def _apply_entity(self, c: asyncpg.Connection, layout: TableLayout,
@@ -318,6 +334,12 @@ class PostgresReplica:
             (LiveRow(k, b"", ch[1], ch[2], ch[3], 0), ch[0])
             for k, ch in sorted(changes.items()) if ch is not None]
         dels = [k for k, ch in changes.items() if ch is None]
+        if layout.entity not in self._tables:
+            # an entity with nothing stored when the replica was bootstrapped has no table
+            # yet: its first changes create it
+            await c.execute(pg_create_table_sql(self.schema, layout).replace(
+                "CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+            self._tables.add(layout.entity)
         if ups:
             if layout.entity not in self._staged:
                 await c.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
