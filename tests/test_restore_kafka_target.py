@@ -26,10 +26,13 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> History:
 
 async def _consume(bootstrap: str, topic: str, partitions: int = 3,
                    expect: int | None = None) -> list[Any]:
-    """Every committed record of ``topic``. With ``expect``, keep reading (up to 20 s) until
-    that many arrived: a fresh consumer's first ListOffsets can answer before the broker
-    has propagated the last stable offset (seen once in CI), and the count is asserted by
-    the caller anyway."""
+    """Every committed record of ``topic``.
+
+    With ``expect``, polling goes on (up to 60 s) until that many arrived, then one more
+    second for any extra record (the caller asserts the exact count). End offsets are not
+    trusted for this: CI once saw a fresh consumer get nothing for 20 s right after a
+    NotLeaderForPartition answer, though the restore had waited for the last stable offset
+    to reach the high watermark. Without ``expect``, read up to the end offsets."""
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                          isolation_level="read_committed")
     await c.start()
@@ -39,16 +42,26 @@ async def _consume(bootstrap: str, topic: str, partitions: int = 3,
         for tp in tps:
             c.seek(tp, 0)
         out: list[Any] = []
-        deadline = asyncio.get_running_loop().time() + 20
-        while True:
+        loop = asyncio.get_running_loop()
+        if expect is None:
             ends = await c.end_offsets(tps)
             while [tp for tp in tps if await c.position(tp) < ends[tp]]:
                 for msgs in (await c.getmany(timeout_ms=1000)).values():
                     out.extend(msgs)
-            if expect is None or len(out) >= expect or \
-                    asyncio.get_running_loop().time() > deadline:
-                return out
-            await asyncio.sleep(0.2)
+            return out
+        deadline = loop.time() + 60
+        while len(out) < expect and loop.time() < deadline:
+            for msgs in (await c.getmany(timeout_ms=500)).values():
+                out.extend(msgs)
+        extra_until = loop.time() + 1
+        while loop.time() < extra_until:
+            for msgs in (await c.getmany(timeout_ms=200)).values():
+                out.extend(msgs)
+        if len(out) < expect:
+            committed = await c.end_offsets(tps)
+            raise AssertionError(f"{topic}: {len(out)} of {expect} records after 60 s; "
+                                 f"read_committed end offsets {committed}")
+        return out
     finally:
         await _stop(c)
 
