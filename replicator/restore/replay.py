@@ -19,6 +19,7 @@ position and offset; nothing is skipped.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,23 +28,13 @@ from typing import NamedTuple
 import msgspec
 
 from replicator.errors import CorruptSegmentError
+from replicator.restore.foldblock import STOPPED, Odd, decode_head, fold_block
 from replicator.restore.planner import PartitionPlan, RestorePlan, SegmentInfo
 from replicator.segment import format as fmt
 from replicator.segment.reader import SegmentReader
 from replicator.snapshot.file import SnapshotFileReader
 from replicator.snapshot.format import Entry
 from replicator.snapshot.manifest import Manifest
-
-
-class _Head(msgspec.Struct, gc=False):
-    """The envelope fields replay needs; everything else is skipped by the decoder."""
-
-    key: str
-    op: str
-    version: int | None = None
-
-
-_decode_head = msgspec.json.Decoder(_Head).decode
 
 #: A key's winning change: (version or -1, timestamp ms, partition rank, offset, value or
 #: None for a delete, Kafka key bytes, encoded headers) -- the last two only with
@@ -109,85 +100,50 @@ def fold_partition(
     if out is None:
         out = {}
     cut_ms = pp.cut_ms
-    unpack = fmt.RECORD_HEADER.unpack_from
-    rsize = fmt.RECORD_HEADER.size
-    name_unpack = fmt.HEADER_NAME.unpack_from
-    nsize = fmt.HEADER_NAME.size
-    hval_unpack = fmt.HEADER_VALUE.unpack_from
-    hsize = fmt.HEADER_VALUE.size
-    decode = _decode_head
+    fold = fold_block
     last_hdr = b""
     last_hcount = -1
     for read in pp.reads:
         path = opener(read.segment)
         stats.files += 1
         lo, hi = read.from_offset, read.to_offset
-        with SegmentReader(path, name=read.segment.name,
+        name = read.segment.name
+        with SegmentReader(path, name=name,
                            expect_sealed=read.segment.location == "store") as r:
             for meta, raw in r.iter_block_payloads(from_offset=lo, to_offset=hi):
                 if cut_ms is not None and meta.min_ts > cut_ms:
                     continue
-                n = 0
-                pos = 0
-                size = len(raw)
-                stopped: int | None = None
-                while pos < size:
-                    off, ts, _tt, klen, vlen, hcount = unpack(raw, pos)
-                    pos += rsize
-                    kbytes: bytes | None = None
-                    if klen >= 0:
-                        if keep_record:
-                            kbytes = raw[pos : pos + klen]
-                        pos += klen
-                    value: bytes | None = None
-                    if vlen >= 0:
-                        value = raw[pos : pos + vlen]
-                        pos += vlen
-                    if hcount:
-                        hl = len(last_hdr)
-                        if hcount == last_hcount and raw[pos : pos + hl] == last_hdr:
-                            pos += hl
-                        else:
-                            start = pos
-                            for _ in range(hcount):
-                                pos += nsize + name_unpack(raw, pos)[0]
-                                (vl,) = hval_unpack(raw, pos)
-                                pos += hsize + (vl if vl > 0 else 0)
-                            last_hdr = raw[start:pos]
-                            last_hcount = hcount
-                    if off < lo or value is None:
-                        continue
-                    if off >= hi:
-                        break
-                    if stop_ms is not None and ts > stop_ms:
-                        stopped = off
-                        break
-                    if cut_ms is not None and ts > cut_ms:
-                        continue
-                    n += 1
-                    try:
-                        head = decode(value)
-                    except msgspec.DecodeError as exc:
-                        raise CorruptSegmentError(
-                            read.segment.name, meta.position,
-                            f"record at offset {off} is not a valid change event ({exc})", off,
-                        ) from None
-                    key = head.key
-                    if keys is not None and key not in keys:
-                        continue
-                    version = head.version
-                    out[key] = (-1 if version is None else version, ts, rank, off,
-                                None if head.op == "delete" else value, kbytes,
-                                last_hdr if keep_record and hcount else b"")
+                try:
+                    n, status, stopped, last_hdr, last_hcount = fold(
+                        raw, lo, hi, cut_ms, stop_ms, rank, out, keys, keep_record,
+                        last_hdr, last_hcount, _odd(name, meta.position))
+                except (ValueError, struct.error) as exc:
+                    raise CorruptSegmentError(name, meta.position, str(exc)) from None
                 stats.events += n
                 stats.bytes += meta.size
                 if progress is not None:
                     progress(n)
                 if after_block is not None:
                     after_block(out)
-                if stopped is not None:
+                if status == STOPPED:
                     return out, stopped
     return out, None
+
+
+def _odd(name: str, position: int) -> Odd:
+    """The fold's decoder of last resort for values of one block: the reference decode, or
+    :class:`CorruptSegmentError` naming the file, block position and offset."""
+
+    def odd(value: bytes, off: int) -> tuple[str, bool, int | None]:
+        try:
+            head = decode_head(value)
+        except msgspec.DecodeError as exc:
+            raise CorruptSegmentError(
+                name, position, f"record at offset {off} is not a valid change event ({exc})",
+                off) from None
+        return head.key, head.op == "delete", head.version
+
+    return odd
 
 
 def _beats(a: Change, b: Change) -> bool:
@@ -346,7 +302,7 @@ def scan(
                             continue
                         if keys is not None:
                             try:
-                                if _decode_head(value).key not in keys:
+                                if decode_head(value).key not in keys:
                                     continue
                             except msgspec.DecodeError as exc:
                                 raise CorruptSegmentError(

@@ -1,0 +1,16 @@
+"""Build of the optional native fold (``replicator.restore._fold``); everything else is
+declared in pyproject.toml. ``optional=True``: without a C compiler the install still
+succeeds and the pure-Python reference fold is used (slower restores and compactions)."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "replicator.restore._fold",
+            sources=["replicator/restore/_fold.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        )
+    ]
+)

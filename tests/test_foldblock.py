@@ -1,0 +1,159 @@
+"""The native block fold (``replicator.restore._fold``) against the Python reference: same
+state, same counts, same stop points, same errors, on generated and hostile blocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+from typing import Any
+
+import orjson
+import pytest
+
+from replicator.errors import CorruptSegmentError
+from replicator.restore.foldblock import (
+    CONTINUE,
+    END,
+    STOPPED,
+    FoldBlock,
+    decode_head,
+    fold_block_py,
+    native_fold_block,
+)
+from replicator.segment.format import encode_record
+
+
+def test_native_fold_is_built_in_ci() -> None:
+    """CI must exercise the native fold, not silently fall back to the reference."""
+    if os.environ.get("CI") == "true" and not os.environ.get("REPLICATOR_NO_NATIVE"):
+        assert native_fold_block is not None, "replicator.restore._fold was not built"
+
+
+needs_native = pytest.mark.skipif(native_fold_block is None and os.environ.get("CI") != "true",
+                                  reason="native fold not built (no C compiler)")
+
+_KEYS = ["a", "k-1", "k-2", "ключ", "k\"q", "k\\b", "日本", "x" * 40, "k\u2028", "k\n"]
+
+
+def _value(rng: random.Random, key: str) -> bytes:
+    """A change event, sometimes written in ways a fast scanner must not misread."""
+    kind = rng.random()
+    ev: dict[str, Any] = {"entity": "t", "op": rng.choice(["upsert", "upsert", "delete"]),
+                          "key": key, "ts": "2026-01-01T00:00:00Z",
+                          "data": {"n": rng.randint(0, 9), "s": rng.choice(["x", "}\"{", "\\"]),
+                                   "key": "not-the-key", "nested": {"op": "delete",
+                                                                   "version": 99}}}
+    r = rng.random()
+    if r < 0.5:
+        ev["version"] = rng.randint(-5, 10**12)
+    elif r < 0.6:
+        ev["version"] = None
+    elif r < 0.65:
+        ev["version"] = 10**20  # beyond 64 bits: handed to the reference decoder
+    if kind < 0.1:  # data first, envelope fields last
+        ev = {"data": ev.pop("data"), **ev}
+    raw = json.dumps(ev, separators=(",", ":"), ensure_ascii=rng.random() < 0.3).encode()
+    if kind > 0.95:
+        raw = b" \n" + raw.replace(b",", b" , ").replace(b":", b" : ") + b"\t"
+    elif kind > 0.9:  # an escaped name for "key": only the reference decoder reads it
+        raw = raw.replace(b'"key":', b'"\\u006bey":', 1)
+    return raw
+
+
+def _block(rng: random.Random, start: int, n: int) -> tuple[bytes, int]:
+    parts = []
+    off = start
+    hdr = [("entity", b"t")]
+    for _ in range(n):
+        off += rng.choice([1, 1, 1, 2])
+        if rng.random() < 0.1:
+            hdr = rng.choice([[], [("entity", b"t")], [("entity", b"u"), ("x", None)]])
+        key = rng.choice(_KEYS)
+        value = None if rng.random() < 0.03 else _value(rng, key)
+        kafka_key = None if rng.random() < 0.1 else key.encode()
+        parts.append(encode_record(off, 1000 + off * 7 % 500, 0, kafka_key, value, hdr))
+    return b"".join(parts), off
+
+
+def _run(fn: FoldBlock, blocks: list[bytes], **kw: Any) -> tuple[dict[str, Any], list[Any]]:
+    out: dict[str, Any] = {}
+    lh, lc = b"", -1
+    results = []
+
+    def odd(value: bytes, off: int) -> tuple[str, bool, int | None]:
+        h = decode_head(value)
+        return h.key, h.op == "delete", h.version
+
+    for raw in blocks:
+        n, status, stopped, lh, lc = fn(raw, kw.get("lo", 0), kw.get("hi", 1 << 62),
+                                        kw.get("cut_ms"), kw.get("stop_ms"), 3, out,
+                                        kw.get("keys"), kw.get("keep_record", False), lh, lc,
+                                        odd)
+        results.append((n, status, stopped, lh, lc))
+        if status == STOPPED:
+            break
+    return out, results
+
+
+@needs_native
+@pytest.mark.parametrize("seed", range(12))
+def test_native_equals_reference(seed: int) -> None:
+    assert native_fold_block is not None
+    rng = random.Random(seed)
+    blocks = []
+    off = 0
+    for _ in range(4):
+        raw, off = _block(rng, off, rng.randint(1, 300))
+        blocks.append(raw)
+    variants: list[dict[str, Any]] = [
+        {}, {"keep_record": True}, {"lo": off // 3, "hi": off * 2 // 3},
+        {"cut_ms": 1250}, {"stop_ms": 1400}, {"keys": {"a", "ключ", "k\"q"}},
+        {"keys": ["k-2"], "keep_record": True, "cut_ms": 1300},
+    ]
+    for kw in variants:
+        ref_out, ref_res = _run(fold_block_py, blocks, **kw)
+        nat_out, nat_res = _run(native_fold_block, blocks, **kw)
+        assert nat_out == ref_out, kw
+        assert nat_res == ref_res, kw
+        assert {r[1] for r in nat_res} <= {CONTINUE, END, STOPPED}
+    ref_out, _ = _run(fold_block_py, blocks)
+    assert len(ref_out) >= 3  # the comparison above was not of empty states
+
+
+@needs_native
+def test_headers_shared_between_winners_of_a_run() -> None:
+    assert native_fold_block is not None
+    recs = [encode_record(i, 10, 0, b"k", orjson.dumps(
+        {"key": f"k{i}", "op": "upsert", "data": {}}), [("entity", b"t")]) for i in range(5)]
+    out, _ = _run(native_fold_block, [b"".join(recs)], keep_record=True)
+    hdrs = {id(v[6]) for v in out.values()}
+    assert len(hdrs) == 1 and out["k0"][5] == b"k"
+
+
+@needs_native
+@pytest.mark.parametrize("bad", [b"not json", b'{"key": 5, "op": "upsert"}',
+                                 b'{"op": "upsert"}', b'{"key": "a", "op": "upsert", '
+                                 b'"version": 1.5}', b'{"key": "a", "op": "upsert"'])
+def test_bad_values_reach_the_reference_decoder(bad: bytes) -> None:
+    assert native_fold_block is not None
+    raw = encode_record(7, 10, 0, None, bad, [])
+
+    def odd(value: bytes, off: int) -> tuple[str, bool, int | None]:
+        raise CorruptSegmentError("seg", 0, f"offset {off}: {value!r}", off)
+
+    for fn in (fold_block_py, native_fold_block):
+        with pytest.raises(CorruptSegmentError, match="offset 7"):
+            fn(raw, 0, 100, None, None, 0, {}, None, False, b"", -1, odd)
+
+
+@needs_native
+def test_truncated_framing_is_an_error_in_both() -> None:
+    assert native_fold_block is not None
+    good = encode_record(1, 10, 0, b"k", b'{"key":"a","op":"upsert"}', [("h", b"v")])
+    for cut in (5, 30, len(good) - 1):
+        for fn in (fold_block_py, native_fold_block):
+            with pytest.raises((ValueError, struct.error)):
+                fn(good[:cut], 0, 100, None, None, 0, {}, None, False, b"", -1,
+                   lambda v, o: ("a", False, None))
