@@ -41,7 +41,8 @@ from replicator import naming
 from replicator.catalog import Catalog
 from replicator.restore.layout import TableLayout
 from replicator.restore.point import Latest
-from replicator.restore.runner import event_rows, execute_restore, make_plan
+from replicator.restore.rowcodec import event_rows
+from replicator.restore.runner import execute_restore, make_plan
 from replicator.schemas import SchemaRegistry
 from replicator.segment.writer import ActiveSegment, BlockBuilder
 from replicator.storage.local import LocalStore

@@ -55,5 +55,10 @@ class DigestBuilder:
         self._acc = (self._acc + int.from_bytes(h, "big")) & _MASK
         self.count += 1
 
+    def add_sum(self, count: int, value: int) -> None:
+        """Add ``count`` rows whose row hashes sum to ``value`` (computed elsewhere)."""
+        self._acc = (self._acc + value) & _MASK
+        self.count += count
+
     def result(self) -> StateDigest:
         return StateDigest(self.entity, self.count, self._acc)

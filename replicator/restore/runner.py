@@ -12,18 +12,16 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 import replicator
 from replicator.catalog import Catalog
 from replicator.errors import BadRequestError, DigestMismatchError
 from replicator.restore.digest import DigestBuilder, StateDigest
-from replicator.restore.layout import CANONICAL, TableLayout, compile_row
+from replicator.restore.layout import TableLayout
 from replicator.restore.planner import (
     RestorePlan,
     SegmentInfo,
@@ -32,16 +30,15 @@ from replicator.restore.planner import (
 )
 from replicator.restore.point import Point, format_ms
 from replicator.restore.replay import (
-    Change,
     ReplayStats,
     live_count,
-    live_rows,
     replay,
     scan,
 )
+from replicator.restore.rowcodec import RowCodec, event_rows
 from replicator.schemas import SchemaRegistry
 from replicator.snapshot.tiers import Tiers
-from replicator.targets import RestoreRecord, RowIn, Target, open_target
+from replicator.targets import RestoreRecord, Target, open_target
 
 
 async def load_catalog(catalog: Catalog) -> tuple[list[SegmentInfo], list[WatermarkInfo]]:
@@ -95,27 +92,6 @@ async def local_paths(catalog: Catalog, plan: RestorePlan) -> dict[str, Path]:
             else:
                 out[s.name] = Path(s.name)
     return out
-
-
-def event_rows(
-    layout: TableLayout, plan: RestorePlan, changes: dict[str, Change], digest: DigestBuilder,
-    progress: Callable[[int], None] | None = None,
-) -> Iterator[RowIn]:
-    """Live rows in key order with their parsed event; feeds ``digest`` (the backup side)."""
-    canon = compile_row(layout.data_columns, CANONICAL, source="mapping")
-    loads = orjson.loads
-    add = digest.add
-    n = 0
-    for live in live_rows(plan, changes):
-        event = loads(live.value)
-        add(live.key, canon(event.get("data") or {}))
-        yield live, event
-        n += 1
-        if progress is not None and n == 10_000:
-            progress(n)
-            n = 0
-    if progress is not None and n:
-        progress(n)
 
 
 @dataclass
@@ -228,6 +204,13 @@ async def execute_restore(
         for entity in plan.entities:
             layout = TableLayout.from_schema(entity, registry.json_schema(entity))
             d = expected[entity] = DigestBuilder(entity)
+            row_target = getattr(target, "row_target", None)
+            if row_target is not None and kafka is None:
+                codec = RowCodec(layout, row_target)
+                counts[entity] = await target.write_rows(  # type: ignore[attr-defined]
+                    layout, codec.rows(plan, state[entity], d, progress))
+                state[entity] = {}
+                continue
             rows = event_rows(layout, plan, state[entity], d, progress)
             if kafka is not None and kafka.mode == "events":
                 for _ in rows:  # the expected digest of the state the events lead to

@@ -24,7 +24,6 @@ import orjson
 from replicator.errors import TargetError
 from replicator.restore.digest import DigestBuilder, StateDigest
 from replicator.restore.layout import (
-    CANONICAL_STORED,
     PG_TYPES,
     Converter,
     Kind,
@@ -160,28 +159,36 @@ class PostgresTarget:
             raise TargetError(f"{self.location}: not open")
         return self._conn
 
+    #: this target takes rows converted by :class:`~replicator.restore.rowcodec.RowCodec`
+    row_target = "pg"
+
     async def write(self, layout: TableLayout, rows: Iterable[RowIn]) -> int:
+        return await self.write_rows(layout, pg_rows(layout, rows))
+
+    async def write_rows(self, layout: TableLayout, rows: Iterable[tuple[Any, ...]]) -> int:
+        """Create the entity's table and binary-COPY ``rows`` (already in the table's
+        column order and types, key order) into it."""
         conn = self._c()
         try:
             await conn.execute(create_table_sql(self.schema, layout))
             res = await conn.copy_records_to_table(
                 layout.entity, schema_name=self.schema, columns=layout.column_names,
-                records=pg_rows(layout, rows),
+                records=rows,
             )
         except asyncpg.PostgresError as exc:
             raise TargetError(f"{self.location}: loading {layout.entity}: {exc}") from None
         return int(res.split()[-1]) if res else 0
 
     async def read_digest(self, layout: TableLayout) -> StateDigest:
+        from replicator.restore.rowcodec import RowCodec
+
         conn = self._c()
-        canon = compile_row(layout.data_columns, CANONICAL_STORED, source="sequence", offset=1)
+        codec = RowCodec(layout, "pg")
         cols = ", ".join(_q(c.name) for c in (layout.columns[0], *layout.data_columns))
         d = DigestBuilder(layout.entity)
-        add = d.add
         cur = await conn.cursor(f"SELECT {cols} FROM {_q(self.schema)}.{_q(layout.entity)}")
         while rows := await cur.fetch(50_000):  # chunks: no per-row await
-            for row in rows:
-                add(row[0], canon(row))
+            codec.digest_stored(rows, d)
         return d.result()
 
     async def record(self, rec: RestoreRecord) -> None:

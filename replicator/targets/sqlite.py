@@ -25,7 +25,6 @@ import orjson
 from replicator.errors import TargetError
 from replicator.restore.digest import DigestBuilder, StateDigest
 from replicator.restore.layout import (
-    CANONICAL_STORED,
     SQLITE_TYPES,
     Converter,
     Kind,
@@ -150,28 +149,35 @@ class SqliteTarget:
 
     # -- writing ---------------------------------------------------------------------------
 
+    #: this target takes rows converted by :class:`~replicator.restore.rowcodec.RowCodec`
+    row_target = "sqlite"
+
     async def write(self, layout: TableLayout, rows: Iterable[RowIn]) -> int:
+        return await self.write_rows(layout, sqlite_rows(layout, rows))
+
+    async def write_rows(self, layout: TableLayout, rows: Iterable[tuple[Any, ...]]) -> int:
+        """Create the entity's table and insert ``rows`` (already in the table's column
+        order and stored forms, key order); the iterable is consumed in a worker thread."""
         return await asyncio.to_thread(self._write_sync, layout, rows)
 
-    def _write_sync(self, layout: TableLayout, rows: Iterable[RowIn]) -> int:
+    def _write_sync(self, layout: TableLayout, rows: Iterable[tuple[Any, ...]]) -> int:
         conn = self._c()
         conn.execute(create_table_sql(layout, rowid=self.rowid_tables))
         marks = ", ".join("?" * len(layout.columns))
-        cur = conn.executemany(f"INSERT INTO {_q(layout.entity)} VALUES ({marks})",
-                               sqlite_rows(layout, rows))
+        cur = conn.executemany(f"INSERT INTO {_q(layout.entity)} VALUES ({marks})", rows)
         return cur.rowcount
 
     async def read_digest(self, layout: TableLayout) -> StateDigest:
         return await asyncio.to_thread(self._digest_sync, layout)
 
     def _digest_sync(self, layout: TableLayout) -> StateDigest:
+        from replicator.restore.rowcodec import RowCodec
+
         conn = self._c()
-        canon = compile_row(layout.data_columns, CANONICAL_STORED, source="sequence", offset=1)
         cols = ", ".join(_q(c.name) for c in (layout.columns[0], *layout.data_columns))
         d = DigestBuilder(layout.entity)
-        add = d.add
-        for row in conn.execute(f"SELECT {cols} FROM {_q(layout.entity)}"):
-            add(row[0], canon(row))
+        RowCodec(layout, "sqlite").digest_stored(
+            conn.execute(f"SELECT {cols} FROM {_q(layout.entity)}"), d)
         return d.result()
 
     async def record(self, rec: RestoreRecord) -> None:

@@ -1,0 +1,485 @@
+/*
+ * replicator.restore._rows -- the native form of the restore's per-row work
+ * (see replicator.restore.rowcodec, which holds the Python reference and the wiring).
+ *
+ * encode_chunk: live keys in key order -> target rows (PostgreSQL or SQLite values) and
+ *   the backup side of the state digest, in one pass over each event.
+ * digest_rows:  rows read back from a target -> the target side of the state digest.
+ *
+ * Only plain values are converted here: strings, ints, floats, bools, None, and RFC 3339
+ * UTC timestamps of the form YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z. Everything else goes to the
+ * Python reference converters passed in `helpers` (per value, or per row when the event
+ * itself is unusual), so the results are those of the reference for every input. The
+ * digest of a row is BLAKE2b-128 of orjson.dumps((key, *canonical values)), summed modulo
+ * 2**128 (docs/FORMAT.md 6.4); orjson and hashlib are called, not reimplemented.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <datetime.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { K_TEXT = 0, K_TS = 1, K_BIGINT = 2, K_DOUBLE = 3, K_BOOL = 4, K_JSONB = 5 };
+enum { T_PG = 0, T_SQLITE = 1 };
+
+typedef unsigned __int128 u128;
+
+/* helpers tuple layout (built by rowcodec.py) */
+enum {
+    H_LOADS, H_DUMPS, H_SORTKW, H_BLAKE, H_BLAKEKW, H_UTC,
+    H_TS_TARGET,  /* value -> target timestamp (reference) */
+    H_TS_CANON,   /* value -> canonical micros (reference) */
+    H_SLOW_ROW,   /* (key, value, topic, partition, offset) -> (row, canonical tuple) */
+    H_STORED,     /* (kind code, value) -> canonical from a stored value (reference) */
+    H_COUNT
+};
+
+static PyObject *s_data, *s_version, *s_ts, *s_digest;
+
+/* -- timestamps --------------------------------------------------------------------- */
+
+static int days_in_month(int y, int m) {
+    static const int d[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    if (m == 2 && ((y % 4 == 0 && y % 100 != 0) || y % 400 == 0)) return 29;
+    return d[m - 1];
+}
+
+/* days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm) */
+static long long days_from_civil(int y, int m, int d) {
+    y -= m <= 2;
+    long long era = (y >= 0 ? y : y - 399) / 400;
+    long long yoe = y - era * 400;
+    long long doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    long long doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+typedef struct { int y, mo, d, h, mi, s, us; } tm_t;
+
+static inline int dig(const char *p, int n) {
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9') return -1;
+        v = v * 10 + (p[i] - '0');
+    }
+    return v;
+}
+
+/* YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z, a valid date and time without a leap second: 1, else 0 */
+static int parse_ts(PyObject *str, tm_t *t) {
+    Py_ssize_t n;
+    const char *p = PyUnicode_AsUTF8AndSize(str, &n);
+    if (p == NULL) { PyErr_Clear(); return 0; }
+    if (n < 20 || p[4] != '-' || p[7] != '-' || p[10] != 'T' || p[13] != ':' ||
+        p[16] != ':' || p[n - 1] != 'Z')
+        return 0;
+    t->y = dig(p, 4); t->mo = dig(p + 5, 2); t->d = dig(p + 8, 2);
+    t->h = dig(p + 11, 2); t->mi = dig(p + 14, 2); t->s = dig(p + 17, 2);
+    if (t->y < 1 || t->mo < 1 || t->mo > 12 || t->d < 1 || t->h < 0 || t->h > 23 ||
+        t->mi < 0 || t->mi > 59 || t->s < 0 || t->s > 59)
+        return 0;
+    if (t->d > days_in_month(t->y, t->mo)) return 0;
+    t->us = 0;
+    if (n == 20) return 1;
+    Py_ssize_t f = n - 21; /* digits between '.' and 'Z' */
+    if (p[19] != '.' || f < 1 || f > 6) return 0;
+    int v = dig(p + 20, (int)f);
+    if (v < 0) return 0;
+    for (Py_ssize_t i = f; i < 6; i++) v *= 10;
+    t->us = v;
+    return 1;
+}
+
+static long long tm_micros(const tm_t *t) {
+    return ((days_from_civil(t->y, t->mo, t->d) * 86400LL) + t->h * 3600LL + t->mi * 60LL +
+            t->s) * 1000000LL + t->us;
+}
+
+static PyObject *tm_datetime(const tm_t *t, PyObject *utc) {
+    return PyDateTimeAPI->DateTime_FromDateAndTime(t->y, t->mo, t->d, t->h, t->mi, t->s,
+                                                   t->us, utc, PyDateTimeAPI->DateTimeType);
+}
+
+static PyObject *tm_text(const tm_t *t) {
+    char buf[32];
+    snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", t->y, t->mo, t->d, t->h,
+             t->mi, t->s, t->us);
+    return PyUnicode_FromStringAndSize(buf, 27);
+}
+
+/* -- digest ------------------------------------------------------------------------- */
+
+/* add BLAKE2b-128(orjson.dumps(canon)) to *acc; 0 on success */
+static int digest_add(PyObject *canon, PyObject **h, u128 *acc) {
+    PyObject *b = PyObject_CallOneArg(h[H_DUMPS], canon);
+    if (b == NULL) return -1;
+    PyObject *args = PyTuple_Pack(1, b);
+    Py_DECREF(b);
+    if (args == NULL) return -1;
+    PyObject *hasher = PyObject_Call(h[H_BLAKE], args, h[H_BLAKEKW]);
+    Py_DECREF(args);
+    if (hasher == NULL) return -1;
+    PyObject *dg = PyObject_CallMethodNoArgs(hasher, s_digest);
+    Py_DECREF(hasher);
+    if (dg == NULL) return -1;
+    if (!PyBytes_Check(dg) || PyBytes_GET_SIZE(dg) != 16) {
+        Py_DECREF(dg);
+        PyErr_SetString(PyExc_ValueError, "digest: expected 16 bytes");
+        return -1;
+    }
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(dg);
+    u128 v = 0;
+    for (int i = 0; i < 16; i++) v = (v << 8) | d[i];
+    Py_DECREF(dg);
+    *acc += v;
+    return 0;
+}
+
+static PyObject *sum_result(Py_ssize_t count, u128 acc, PyObject *rows) {
+    unsigned long long hi = (unsigned long long)(acc >> 64), lo = (unsigned long long)acc;
+    if (rows != NULL) return Py_BuildValue("(OnKK)", rows, count, hi, lo);
+    return Py_BuildValue("(nKK)", count, hi, lo);
+}
+
+/* -- encode_chunk ------------------------------------------------------------------- */
+
+/* one data value -> (*target, *canon), new references; 1 done, 0 the row needs the slow
+ * path, -1 error */
+static int convert_value(int kind, int target, PyObject *v, PyObject **h, PyObject **tv,
+                         PyObject **cv) {
+    *tv = *cv = NULL;
+    if (v == NULL || v == Py_None) {
+        *tv = Py_NewRef(Py_None);
+        *cv = Py_NewRef(Py_None);
+        return 1;
+    }
+    switch (kind) {
+    case K_TEXT:
+        if (!PyUnicode_CheckExact(v)) return 0;
+        *tv = Py_NewRef(v);
+        *cv = Py_NewRef(v);
+        return 1;
+    case K_TS: {
+        if (!PyUnicode_CheckExact(v)) return 0;
+        tm_t t;
+        if (!parse_ts(v, &t)) {
+            *tv = PyObject_CallOneArg(h[H_TS_TARGET], v);
+            if (*tv == NULL) return -1;
+            *cv = PyObject_CallOneArg(h[H_TS_CANON], v);
+            return *cv == NULL ? -1 : 1;
+        }
+        *tv = target == T_PG ? tm_datetime(&t, h[H_UTC]) : tm_text(&t);
+        *cv = PyLong_FromLongLong(tm_micros(&t));
+        return (*tv == NULL || *cv == NULL) ? -1 : 1;
+    }
+    case K_BIGINT:
+        if (!PyLong_CheckExact(v)) return 0;
+        *tv = Py_NewRef(v);
+        *cv = Py_NewRef(v);
+        return 1;
+    case K_DOUBLE:
+        if (PyFloat_CheckExact(v)) {
+            *tv = Py_NewRef(v);
+            *cv = Py_NewRef(v);
+            return 1;
+        }
+        if (!PyLong_CheckExact(v)) return 0;
+        *tv = PyNumber_Float(v);
+        if (*tv == NULL) return -1;
+        *cv = Py_NewRef(*tv);
+        return 1;
+    case K_BOOL:
+        if (!PyBool_Check(v)) return 0;
+        *tv = target == T_PG ? Py_NewRef(v) : PyLong_FromLong(v == Py_True);
+        *cv = Py_NewRef(v);
+        return *tv == NULL ? -1 : 1;
+    case K_JSONB: {
+        PyObject *sorted = PyObject_VectorcallDict(h[H_DUMPS], &v, 1, h[H_SORTKW]);
+        if (sorted == NULL) return -1;
+        *cv = PyUnicode_FromEncodedObject(sorted, "utf-8", "strict");
+        Py_DECREF(sorted);
+        if (*cv == NULL) return -1;
+        if (target == T_SQLITE) {
+            *tv = Py_NewRef(*cv);
+            return 1;
+        }
+        PyObject *plain = PyObject_CallOneArg(h[H_DUMPS], v);
+        if (plain == NULL) return -1;
+        *tv = PyUnicode_FromEncodedObject(plain, "utf-8", "strict");
+        Py_DECREF(plain);
+        return *tv == NULL ? -1 : 1;
+    }
+    }
+    return 0;
+}
+
+/* the event's target row and canonical tuple the fast way; 1 done, 0 slow path, -1 error */
+static int fast_row(PyObject *key, PyObject *value, PyObject *topic, PyObject *partition,
+                    PyObject *offset, PyObject *names, const int *kinds, Py_ssize_t ncols,
+                    int target, PyObject **h, PyObject **row_out, PyObject **canon_out) {
+    PyObject *ev = PyObject_CallOneArg(h[H_LOADS], value);
+    if (ev == NULL) { PyErr_Clear(); return 0; }
+    int ok = 0;
+    PyObject *row = NULL, *canon = NULL;
+    if (!PyDict_CheckExact(ev)) goto out;
+    PyObject *data = PyDict_GetItemWithError(ev, s_data);
+    if (data == NULL && PyErr_Occurred()) { ok = -1; goto out; }
+    int empty = data == NULL || data == Py_None;
+    if (!empty && !PyDict_CheckExact(data)) goto out; /* the reference's `or {}` and .get */
+    if (!empty && PyDict_GET_SIZE(data) == 0) empty = 1;
+    row = PyTuple_New(ncols + 6);
+    canon = PyTuple_New(ncols + 1);
+    if (row == NULL || canon == NULL) { ok = -1; goto out; }
+    PyTuple_SET_ITEM(row, 0, Py_NewRef(key));
+    PyTuple_SET_ITEM(canon, 0, Py_NewRef(key));
+    for (Py_ssize_t i = 0; i < ncols; i++) {
+        PyObject *v = NULL;
+        if (!empty) {
+            v = PyDict_GetItemWithError(data, PyTuple_GET_ITEM(names, i));
+            if (v == NULL && PyErr_Occurred()) { ok = -1; goto out; }
+        }
+        PyObject *tv, *cv;
+        int r = convert_value(kinds[i], target, v, h, &tv, &cv);
+        if (r <= 0) {
+            Py_XDECREF(tv);
+            Py_XDECREF(cv);
+            ok = r;
+            goto out;
+        }
+        PyTuple_SET_ITEM(row, i + 1, tv);
+        PyTuple_SET_ITEM(canon, i + 1, cv);
+    }
+    PyObject *version = PyDict_GetItemWithError(ev, s_version);
+    if (version == NULL && PyErr_Occurred()) { ok = -1; goto out; }
+    PyObject *ts = PyDict_GetItemWithError(ev, s_ts);
+    if (ts == NULL && PyErr_Occurred()) { ok = -1; goto out; }
+    PyObject *tsv;
+    if (ts != NULL && PyUnicode_Check(ts)) {
+        tm_t t;
+        if (PyUnicode_CheckExact(ts) && parse_ts(ts, &t))
+            tsv = target == T_PG ? tm_datetime(&t, h[H_UTC]) : tm_text(&t);
+        else
+            tsv = PyObject_CallOneArg(h[H_TS_TARGET], ts);
+        if (tsv == NULL) { ok = -1; goto out; }
+    } else {
+        tsv = Py_NewRef(Py_None);
+    }
+    PyTuple_SET_ITEM(row, ncols + 1, Py_NewRef(version ? version : Py_None));
+    PyTuple_SET_ITEM(row, ncols + 2, Py_NewRef(topic));
+    PyTuple_SET_ITEM(row, ncols + 3, Py_NewRef(partition));
+    PyTuple_SET_ITEM(row, ncols + 4, Py_NewRef(offset));
+    PyTuple_SET_ITEM(row, ncols + 5, tsv);
+    ok = 1;
+out:
+    Py_DECREF(ev);
+    if (ok == 1) {
+        *row_out = row;
+        *canon_out = canon;
+    } else {
+        Py_XDECREF(row);
+        Py_XDECREF(canon);
+    }
+    return ok;
+}
+
+static int parse_kinds(PyObject *kinds_t, int *kinds, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long k = PyLong_AsLong(PyTuple_GET_ITEM(kinds_t, i));
+        if (k < K_TEXT || k > K_JSONB) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "unknown column kind");
+            return -1;
+        }
+        kinds[i] = (int)k;
+    }
+    return 0;
+}
+
+static PyObject *encode_chunk(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *names, *kinds_t, *keys, *changes, *parts, *helpers;
+    int target;
+    if (!PyArg_ParseTuple(args, "O!O!iO!O!O!O!", &PyTuple_Type, &names, &PyTuple_Type,
+                          &kinds_t, &target, &PyList_Type, &keys, &PyDict_Type, &changes,
+                          &PyList_Type, &parts, &PyTuple_Type, &helpers))
+        return NULL;
+    Py_ssize_t ncols = PyTuple_GET_SIZE(names);
+    if (PyTuple_GET_SIZE(kinds_t) != ncols || PyTuple_GET_SIZE(helpers) != H_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "encode_chunk: bad spec");
+        return NULL;
+    }
+    int *kinds = PyMem_Malloc(sizeof(int) * (ncols ? ncols : 1));
+    if (kinds == NULL) return PyErr_NoMemory();
+    PyObject **h = &PyTuple_GET_ITEM(helpers, 0);
+    PyObject *rows = NULL;
+    u128 acc = 0;
+    if (parse_kinds(kinds_t, kinds, ncols) < 0) goto fail;
+    rows = PyList_New(0);
+    if (rows == NULL) goto fail;
+    Py_ssize_t nkeys = PyList_GET_SIZE(keys);
+    for (Py_ssize_t i = 0; i < nkeys; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        PyObject *ch = PyDict_GetItemWithError(changes, key);
+        if (ch == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key);
+            goto fail;
+        }
+        if (!PyTuple_Check(ch) || PyTuple_GET_SIZE(ch) < 5) {
+            PyErr_SetString(PyExc_TypeError, "encode_chunk: a change is a tuple");
+            goto fail;
+        }
+        PyObject *value = PyTuple_GET_ITEM(ch, 4);
+        if (value == Py_None) continue; /* a tombstone */
+        Py_ssize_t rank = PyLong_AsSsize_t(PyTuple_GET_ITEM(ch, 2));
+        if (rank < 0 || rank >= PyList_GET_SIZE(parts)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_IndexError, "encode_chunk: rank");
+            goto fail;
+        }
+        PyObject *part = PyList_GET_ITEM(parts, rank); /* (topic, partition) */
+        PyObject *topic = PyTuple_GET_ITEM(part, 0), *partition = PyTuple_GET_ITEM(part, 1);
+        PyObject *offset = PyTuple_GET_ITEM(ch, 3);
+        PyObject *row = NULL, *canon = NULL;
+        int r = fast_row(key, value, topic, partition, offset, names, kinds, ncols, target, h,
+                         &row, &canon);
+        if (r < 0) goto fail;
+        if (r == 0) {
+            PyObject *res = PyObject_CallFunctionObjArgs(h[H_SLOW_ROW], key, value, topic,
+                                                         partition, offset, NULL);
+            if (res == NULL) goto fail;
+            if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2) {
+                Py_DECREF(res);
+                PyErr_SetString(PyExc_TypeError, "slow_row must return (row, canonical)");
+                goto fail;
+            }
+            row = Py_NewRef(PyTuple_GET_ITEM(res, 0));
+            canon = Py_NewRef(PyTuple_GET_ITEM(res, 1));
+            Py_DECREF(res);
+        }
+        int bad = digest_add(canon, h, &acc) < 0 || PyList_Append(rows, row) < 0;
+        Py_DECREF(row);
+        Py_DECREF(canon);
+        if (bad) goto fail;
+    }
+    PyMem_Free(kinds);
+    PyObject *res = sum_result(PyList_GET_SIZE(rows), acc, rows);
+    Py_DECREF(rows);
+    return res;
+fail:
+    PyMem_Free(kinds);
+    Py_XDECREF(rows);
+    return NULL;
+}
+
+/* -- digest_rows -------------------------------------------------------------------- */
+
+/* the canonical form of one stored value (new reference) */
+static PyObject *stored_canon(int kind, int target, PyObject *v, PyObject **h) {
+    if (v == Py_None) return Py_NewRef(Py_None);
+    switch (kind) {
+    case K_TEXT:
+        return Py_NewRef(v);
+    case K_TS:
+        if (target == T_PG && PyDateTime_CheckExact(v) &&
+            PyDateTime_DATE_GET_TZINFO(v) == h[H_UTC]) {
+            tm_t t = {PyDateTime_GET_YEAR(v), PyDateTime_GET_MONTH(v), PyDateTime_GET_DAY(v),
+                      PyDateTime_DATE_GET_HOUR(v), PyDateTime_DATE_GET_MINUTE(v),
+                      PyDateTime_DATE_GET_SECOND(v), PyDateTime_DATE_GET_MICROSECOND(v)};
+            return PyLong_FromLongLong(tm_micros(&t));
+        }
+        if (target == T_SQLITE && PyUnicode_CheckExact(v)) {
+            tm_t t;
+            if (parse_ts(v, &t)) return PyLong_FromLongLong(tm_micros(&t));
+        }
+        break;
+    case K_BIGINT:
+        if (PyLong_CheckExact(v)) return Py_NewRef(v);
+        break;
+    case K_DOUBLE:
+        if (PyFloat_CheckExact(v)) return Py_NewRef(v);
+        break;
+    case K_BOOL:
+        if (PyBool_Check(v)) return Py_NewRef(v);
+        if (PyLong_CheckExact(v)) {
+            int t = PyObject_IsTrue(v);
+            return t < 0 ? NULL : Py_NewRef(t ? Py_True : Py_False);
+        }
+        break;
+    }
+    PyObject *k = PyLong_FromLong(kind);
+    if (k == NULL) return NULL;
+    PyObject *r = PyObject_CallFunctionObjArgs(h[H_STORED], k, v, NULL);
+    Py_DECREF(k);
+    return r;
+}
+
+static PyObject *digest_rows(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *kinds_t, *rows, *helpers;
+    int target;
+    if (!PyArg_ParseTuple(args, "O!iOO!", &PyTuple_Type, &kinds_t, &target, &rows,
+                          &PyTuple_Type, &helpers))
+        return NULL;
+    Py_ssize_t ncols = PyTuple_GET_SIZE(kinds_t);
+    if (PyTuple_GET_SIZE(helpers) != H_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "digest_rows: bad helpers");
+        return NULL;
+    }
+    int *kinds = PyMem_Malloc(sizeof(int) * (ncols ? ncols : 1));
+    if (kinds == NULL) return PyErr_NoMemory();
+    PyObject **h = &PyTuple_GET_ITEM(helpers, 0);
+    u128 acc = 0;
+    Py_ssize_t count = 0;
+    PyObject *it = NULL;
+    if (parse_kinds(kinds_t, kinds, ncols) < 0) goto fail;
+    it = PyObject_GetIter(rows);
+    if (it == NULL) goto fail;
+    PyObject *row;
+    while ((row = PyIter_Next(it)) != NULL) {
+        PyObject *canon = PyTuple_New(ncols + 1);
+        int bad = canon == NULL;
+        for (Py_ssize_t i = 0; !bad && i <= ncols; i++) {
+            PyObject *v = PySequence_GetItem(row, i);
+            if (v == NULL) { bad = 1; break; }
+            PyObject *c = i == 0 ? Py_NewRef(v) : stored_canon(kinds[i - 1], target, v, h);
+            Py_DECREF(v);
+            if (c == NULL) { bad = 1; break; }
+            PyTuple_SET_ITEM(canon, i, c);
+        }
+        Py_DECREF(row);
+        if (!bad) bad = digest_add(canon, h, &acc) < 0;
+        Py_XDECREF(canon);
+        if (bad) goto fail;
+        count++;
+    }
+    if (PyErr_Occurred()) goto fail;
+    Py_DECREF(it);
+    PyMem_Free(kinds);
+    return sum_result(count, acc, NULL);
+fail:
+    Py_XDECREF(it);
+    PyMem_Free(kinds);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"encode_chunk", encode_chunk, METH_VARARGS,
+     "encode_chunk(names, kinds, target, keys, changes, parts, helpers) -> "
+     "(rows, count, digest_hi, digest_lo); see rowcodec.py"},
+    {"digest_rows", digest_rows, METH_VARARGS,
+     "digest_rows(kinds, target, rows, helpers) -> (count, digest_hi, digest_lo)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "replicator.restore._rows",
+    "Native restore row conversion and state digest (see replicator.restore.rowcodec).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__rows(void) {
+    PyDateTime_IMPORT;
+    if (PyDateTimeAPI == NULL) return NULL;
+    s_data = PyUnicode_InternFromString("data");
+    s_version = PyUnicode_InternFromString("version");
+    s_ts = PyUnicode_InternFromString("ts");
+    s_digest = PyUnicode_InternFromString("digest");
+    if (!s_data || !s_version || !s_ts || !s_digest) return NULL;
+    return PyModule_Create(&module);
+}

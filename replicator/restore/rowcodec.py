@@ -1,0 +1,162 @@
+"""Restore's per-row work for the relational targets, in one pass: live changes -> target
+rows plus the backup side of the state digest; rows read back -> the target side.
+
+Two implementations with the same results:
+
+* the Python reference (:func:`event_rows` feeding the target's row converter, and the
+  :data:`~replicator.restore.layout.CANONICAL_STORED` converters for the read-back);
+* the native ``replicator.restore._rows`` (C, built at install), which converts plain
+  values itself and hands everything else -- an unusual timestamp, a value of an unexpected
+  type, an event that does not parse -- to the reference converters, per value or per row.
+
+Tests compare the two on hostile rows; the restore tests compare both with an independent
+oracle. ``REPLICATOR_NO_NATIVE=1`` forces the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC
+from hashlib import blake2b
+from typing import Any, Literal
+
+import orjson
+
+from replicator.restore.digest import DigestBuilder
+from replicator.restore.layout import (
+    CANONICAL,
+    CANONICAL_STORED,
+    Kind,
+    TableLayout,
+    canonical_stored,
+    compile_row,
+    rfc3339_to_micros,
+    ts_text,
+)
+from replicator.restore.planner import RestorePlan
+from replicator.restore.replay import Change, LiveRow, live_rows
+
+RowTarget = Literal["pg", "sqlite"]
+KIND_CODES: dict[Kind, int] = {"text": 0, "timestamptz": 1, "bigint": 2, "double": 3,
+                               "boolean": 4, "jsonb": 5}
+_KINDS: dict[int, Kind] = {v: k for k, v in KIND_CODES.items()}
+_TARGET_CODES: dict[RowTarget, int] = {"pg": 0, "sqlite": 1}
+#: live keys converted per native call (the rows of one call are held at once)
+CHUNK = 5000
+
+
+def _load_native() -> Any:
+    if os.environ.get("REPLICATOR_NO_NATIVE"):
+        return None
+    try:
+        from replicator.restore import _rows  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _rows
+
+
+native: Any = _load_native()
+
+RowIn = tuple[Any, dict[str, Any]]
+
+
+def event_rows(
+    layout: TableLayout, plan: RestorePlan, changes: dict[str, Change], digest: DigestBuilder,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[RowIn]:
+    """Live rows in key order with their parsed event; feeds ``digest`` (the backup side).
+    The reference path, and the input of targets without a native row form."""
+    canon = compile_row(layout.data_columns, CANONICAL, source="mapping")
+    loads = orjson.loads
+    add = digest.add
+    n = 0
+    for live in live_rows(plan, changes):
+        event = loads(live.value)
+        add(live.key, canon(event.get("data") or {}))
+        yield live, event
+        n += 1
+        if progress is not None and n == 10_000:
+            progress(n)
+            n = 0
+    if progress is not None and n:
+        progress(n)
+
+
+def _row_fn(layout: TableLayout, target: RowTarget) -> Callable[[Iterable[RowIn]],
+                                                                Iterator[tuple[Any, ...]]]:
+    if target == "pg":
+        from replicator.targets.postgres import pg_rows
+
+        return lambda rows: pg_rows(layout, rows)
+    from replicator.targets.sqlite import sqlite_rows
+
+    return lambda rows: sqlite_rows(layout, rows)
+
+
+def _ts_target(target: RowTarget) -> Callable[[str], Any]:
+    if target == "pg":
+        from replicator.targets.postgres import _ts
+
+        return _ts
+    return ts_text
+
+
+class RowCodec:
+    """The row form of one entity for one target kind (``pg`` or ``sqlite``)."""
+
+    def __init__(self, layout: TableLayout, target: RowTarget, *,
+                 use_native: bool = True) -> None:
+        self.layout = layout
+        self.target = target
+        self.native = native if use_native else None
+        self._names = tuple(c.name for c in layout.data_columns)
+        self._kinds = tuple(KIND_CODES[c.kind] for c in layout.data_columns)
+        self._rows = _row_fn(layout, target)
+        canon = compile_row(layout.data_columns, CANONICAL, source="mapping")
+        rows_of = self._rows
+
+        def slow_row(key: str, value: bytes, topic: str, partition: int, offset: int
+                     ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+            event = orjson.loads(value)
+            (row,) = rows_of([(LiveRow(key, value, topic, partition, offset, 0), event)])
+            return row, (key, *canon(event.get("data") or {}))
+
+        def stored(kind: int, value: Any) -> Any:
+            return canonical_stored(_KINDS[kind], value)
+
+        self._helpers = (
+            orjson.loads, orjson.dumps, {"option": orjson.OPT_SORT_KEYS}, blake2b,
+            {"digest_size": 16}, UTC, _ts_target(target), rfc3339_to_micros, slow_row, stored,
+        )
+
+    def rows(self, plan: RestorePlan, changes: dict[str, Change], digest: DigestBuilder,
+             progress: Callable[[int], None] | None = None) -> Iterator[tuple[Any, ...]]:
+        """The target rows of the live keys in key order; feeds ``digest``."""
+        if self.native is None:
+            yield from self._rows(event_rows(self.layout, plan, changes, digest, progress))
+            return
+        keys = sorted(changes)
+        parts = [(p.topic, p.partition) for p in plan.partitions]
+        encode = self.native.encode_chunk
+        tcode = _TARGET_CODES[self.target]
+        for i in range(0, len(keys), CHUNK):
+            rows, n, hi, lo = encode(self._names, self._kinds, tcode, keys[i : i + CHUNK],
+                                     changes, parts, self._helpers)
+            digest.add_sum(n, (hi << 64) | lo)
+            yield from rows
+            if progress is not None and n:
+                progress(n)
+
+    def digest_stored(self, rows: Iterable[Any], digest: DigestBuilder) -> None:
+        """Add rows read back from the target -- ``(key, *data columns)`` -- to ``digest``."""
+        if self.native is None:
+            canon = compile_row(self.layout.data_columns, CANONICAL_STORED,
+                                source="sequence", offset=1)
+            add = digest.add
+            for row in rows:
+                add(row[0], canon(row))
+            return
+        n, hi, lo = self.native.digest_rows(self._kinds, _TARGET_CODES[self.target], rows,
+                                            self._helpers)
+        digest.add_sum(n, (hi << 64) | lo)
