@@ -143,3 +143,74 @@ def test_read_back_digest_equals_the_reference(target: RowTarget) -> None:
         digests.append(d.result())
     assert digests[0] == digests[1]
     assert digests[0].count == 500
+
+
+@needs_native
+def test_native_blake2b_equals_hashlib() -> None:
+    from hashlib import blake2b
+
+    rng = random.Random(3)
+    for n in [0, 1, 127, 128, 129, 255, 256, 257, 1000, *(rng.randint(0, 3000) for _ in range(50))]:
+        data = rng.randbytes(n)
+        hi, lo = native.blake2b_128(data)
+        assert (hi << 64) | lo == int.from_bytes(blake2b(data, digest_size=16).digest(), "big")
+
+
+def _pg_binary_reference(layout: TableLayout, rows: list[tuple[Any, ...]]) -> bytes:
+    """PostgreSQL binary COPY data written from the reference rows with ``struct``: an
+    independent encoder of the format (docs: COPY ... WITH (FORMAT binary))."""
+    import struct
+
+    out = [b"PGCOPY\n\xff\r\n\x00", struct.pack(">ii", 0, 0)]
+    kinds = [c.kind for c in layout.columns]
+    pg_epoch = datetime(2000, 1, 1, tzinfo=UTC)
+    for row in rows:
+        out.append(struct.pack(">h", len(row)))
+        for kind, v in zip(kinds, row, strict=True):
+            if v is None:
+                out.append(struct.pack(">i", -1))
+                continue
+            if kind == "text":
+                b = v.encode()
+            elif kind == "jsonb":
+                b = b"\x01" + v.encode()
+            elif kind == "timestamptz":
+                b = struct.pack(">q", (v - pg_epoch) // timedelta(microseconds=1))
+            elif kind == "bigint":
+                b = struct.pack(">q", v)
+            elif kind == "double":
+                b = struct.pack(">d", v)
+            else:
+                b = b"\x01" if v else b"\x00"
+            out.append(struct.pack(">i", len(b)) + b)
+    out.append(b"\xff\xff")
+    return b"".join(out)
+
+
+@needs_native
+@pytest.mark.parametrize("seed", range(4))
+def test_pg_binary_copy_data_equals_an_independent_encoder(seed: int) -> None:
+    changes = _changes(seed)
+    # only rows PostgreSQL can hold: drop those with a value of an unexpected type
+    ref_rows, _ = _encode("pg", changes, False)
+    layout_kinds = [c.kind for c in LAYOUT.columns]
+    fits = {r[0] for r in ref_rows if all(
+        v is None or (k in ("text", "jsonb") and isinstance(v, str))
+        or (k == "bigint" and type(v) is int) or (k == "double" and type(v) is float)
+        or (k == "boolean" and type(v) is bool) or (k == "timestamptz" and isinstance(v, datetime))
+        for k, v in zip(layout_kinds, r, strict=True))}
+    changes = {k: v for k, v in changes.items() if k in fits or v[4] is None}
+    ref_rows, ref_digest = _encode("pg", changes, False)
+    codec = RowCodec(LAYOUT, "pg")
+    d = DigestBuilder("thing")
+    data = b"".join(codec.pg_copy_data(PLAN, changes, d))
+    assert data == _pg_binary_reference(LAYOUT, ref_rows)
+    assert str(d.result()) == ref_digest
+
+
+@needs_native
+def test_pg_binary_refuses_a_value_that_does_not_fit() -> None:
+    ev = {"key": "a", "data": {"name": 5}}  # the digest takes it; a text column does not
+    changes = {"a": (-1, 0, 0, 1, orjson.dumps(ev), None, b"")}
+    with pytest.raises(ValueError, match="column 1: expected str, got int"):
+        b"".join(RowCodec(LAYOUT, "pg").pg_copy_data(PLAN, changes, DigestBuilder("thing")))

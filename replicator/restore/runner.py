@@ -207,8 +207,8 @@ async def execute_restore(
             row_target = getattr(target, "row_target", None)
             if row_target is not None and kafka is None:
                 codec = RowCodec(layout, row_target)
-                counts[entity] = await target.write_rows(  # type: ignore[attr-defined]
-                    layout, codec.rows(plan, state[entity], d, progress))
+                counts[entity] = await target.write_codec(  # type: ignore[attr-defined]
+                    codec, plan, state[entity], d, progress)
                 state[entity] = {}
                 continue
             rows = event_rows(layout, plan, state[entity], d, progress)

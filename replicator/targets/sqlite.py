@@ -18,7 +18,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -36,6 +36,11 @@ from replicator.restore.layout import (
 from replicator.storage.local import fsync_dir
 from replicator.targets import scratch
 from replicator.targets.base import RestoreRecord, RowIn
+
+if TYPE_CHECKING:
+    from replicator.restore.planner import RestorePlan
+    from replicator.restore.replay import Change
+    from replicator.restore.rowcodec import RowCodec
 
 RESTORES_TABLE = "replicator_restores"
 
@@ -154,6 +159,12 @@ class SqliteTarget:
 
     async def write(self, layout: TableLayout, rows: Iterable[RowIn]) -> int:
         return await self.write_rows(layout, sqlite_rows(layout, rows))
+
+    async def write_codec(self, codec: RowCodec, plan: RestorePlan, changes: dict[str, Change],
+                          digest: DigestBuilder, progress: Callable[[int], None] | None = None
+                          ) -> int:
+        """Load one entity's live changes, converted by ``codec`` (in the worker thread)."""
+        return await self.write_rows(codec.layout, codec.rows(plan, changes, digest, progress))
 
     async def write_rows(self, layout: TableLayout, rows: Iterable[tuple[Any, ...]]) -> int:
         """Create the entity's table and insert ``rows`` (already in the table's column
