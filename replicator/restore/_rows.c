@@ -691,6 +691,119 @@ fail:
     return NULL;
 }
 
+/* -- digest_copy: PostgreSQL binary COPY data read back -> digest ---------------------- */
+
+static inline uint64_t get_be(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+/* the canonical form of one binary field of `kind` (new reference) */
+static PyObject *binary_canon(int kind, const unsigned char *p, int32_t n, PyObject **h) {
+    switch (kind) {
+    case K_TEXT:
+        return PyUnicode_DecodeUTF8((const char *)p, n, NULL);
+    case K_TS:
+        if (n != 8) break;
+        return PyLong_FromLongLong((long long)get_be(p, 8) + PG_EPOCH_US);
+    case K_BIGINT:
+        if (n != 8) break;
+        return PyLong_FromLongLong((long long)get_be(p, 8));
+    case K_DOUBLE: {
+        if (n != 8) break;
+        uint64_t bits = get_be(p, 8);
+        double d;
+        memcpy(&d, &bits, 8);
+        return PyFloat_FromDouble(d);
+    }
+    case K_BOOL:
+        if (n != 1) break;
+        return Py_NewRef(p[0] ? Py_True : Py_False);
+    case K_JSONB: {
+        if (n < 1 || p[0] != 1) break;
+        PyObject *text = PyUnicode_DecodeUTF8((const char *)p + 1, n - 1, NULL);
+        if (text == NULL) return NULL;
+        PyObject *c = stored_canon(K_JSONB, T_PG, text, h);
+        Py_DECREF(text);
+        return c;
+    }
+    }
+    PyErr_Format(PyExc_ValueError, "binary COPY: unexpected field of %d bytes for kind %d", n,
+                 kind);
+    return NULL;
+}
+
+/* digest_copy(kinds, data, helpers) -> (consumed, count, hi, lo, done): digests the whole
+ * rows (key, data columns) at the start of `data` (the header already skipped); `done`
+ * when the trailer was reached */
+static PyObject *digest_copy(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *kinds_t, *helpers;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "O!y*O!", &PyTuple_Type, &kinds_t, &buf, &PyTuple_Type,
+                          &helpers))
+        return NULL;
+    Py_ssize_t ncols = PyTuple_GET_SIZE(kinds_t);
+    PyObject *result = NULL;
+    int *kinds = PyMem_Malloc(sizeof(int) * (ncols ? ncols : 1));
+    if (kinds == NULL) { PyBuffer_Release(&buf); return PyErr_NoMemory(); }
+    PyObject **h = &PyTuple_GET_ITEM(helpers, 0);
+    const unsigned char *d = buf.buf;
+    Py_ssize_t size = buf.len, pos = 0, count = 0;
+    u128 acc = 0;
+    int done = 0;
+    if (PyTuple_GET_SIZE(helpers) != H_COUNT || parse_kinds(kinds_t, kinds, ncols) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "digest_copy: bad helpers");
+        goto out;
+    }
+    while (size - pos >= 2) {
+        int16_t nf = (int16_t)get_be(d + pos, 2);
+        if (nf == -1) { done = 1; pos += 2; break; }
+        if (nf != ncols + 1) {
+            PyErr_Format(PyExc_ValueError, "binary COPY: a row of %d fields, expected %zd",
+                         nf, ncols + 1);
+            goto out;
+        }
+        /* is the whole row here? */
+        Py_ssize_t q = pos + 2;
+        int whole = 1;
+        for (int i = 0; i < nf; i++) {
+            if (size - q < 4) { whole = 0; break; }
+            int32_t n = (int32_t)get_be(d + q, 4);
+            q += 4;
+            if (n > 0) {
+                if (size - q < n) { whole = 0; break; }
+                q += n;
+            }
+        }
+        if (!whole) break;
+        PyObject *canon = PyTuple_New(nf);
+        if (canon == NULL) goto out;
+        q = pos + 2;
+        for (int i = 0; i < nf; i++) {
+            int32_t n = (int32_t)get_be(d + q, 4);
+            q += 4;
+            PyObject *c;
+            if (n < 0) c = Py_NewRef(Py_None);
+            else c = binary_canon(i == 0 ? K_TEXT : kinds[i - 1], d + q, n, h);
+            if (c == NULL) { Py_DECREF(canon); goto out; }
+            PyTuple_SET_ITEM(canon, i, c);
+            if (n > 0) q += n;
+        }
+        int bad = digest_add(canon, h, &acc) < 0;
+        Py_DECREF(canon);
+        if (bad) goto out;
+        count++;
+        pos = q;
+    }
+    result = Py_BuildValue("(nnKKi)", pos, count, (unsigned long long)(acc >> 64),
+                           (unsigned long long)acc, done);
+out:
+    PyMem_Free(kinds);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"encode_chunk", encode_chunk, METH_VARARGS,
      "encode_chunk(names, kinds, target, keys, changes, parts, helpers) -> "
@@ -698,6 +811,8 @@ static PyMethodDef methods[] = {
      "(bytes); see rowcodec.py"},
     {"blake2b_128", py_blake2b_128, METH_O,
      "blake2b_128(data) -> (hi, lo): BLAKE2b with a 16-byte digest, as two 64-bit halves"},
+    {"digest_copy", digest_copy, METH_VARARGS,
+     "digest_copy(kinds, data, helpers) -> (consumed, count, digest_hi, digest_lo, done)"},
     {"digest_rows", digest_rows, METH_VARARGS,
      "digest_rows(kinds, target, rows, helpers) -> (count, digest_hi, digest_lo)"},
     {NULL, NULL, 0, NULL},

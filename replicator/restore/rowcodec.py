@@ -182,6 +182,13 @@ class RowCodec:
                 progress(n)
         yield PG_COPY_TRAILER
 
+    def pg_copy_digest(self, digest: DigestBuilder) -> PgCopyDigest:
+        """A sink for ``COPY (SELECT key, <data columns> ...) TO STDOUT (FORMAT binary)``
+        that adds the rows to ``digest`` (native only)."""
+        if self.native is None:
+            raise ValueError("reading binary COPY data needs the native codec")
+        return PgCopyDigest(self.native, self._kinds, self._helpers, digest)
+
     def digest_stored(self, rows: Iterable[Any], digest: DigestBuilder) -> None:
         """Add rows read back from the target -- ``(key, *data columns)`` -- to ``digest``."""
         if self.native is None:
@@ -194,3 +201,45 @@ class RowCodec:
         n, hi, lo = self.native.digest_rows(self._kinds, _TARGET_CODES[self.target], rows,
                                             self._helpers)
         digest.add_sum(n, (hi << 64) | lo)
+
+
+class PgCopyDigest:
+    """Feeds PostgreSQL binary ``COPY`` output, in chunks cut anywhere, to the native
+    digest; :meth:`finish` checks that the data ended with the trailer and nothing after."""
+
+    def __init__(self, native_mod: Any, kinds: tuple[int, ...], helpers: tuple[Any, ...],
+                 digest: DigestBuilder) -> None:
+        self._native = native_mod
+        self._kinds = kinds
+        self._helpers = helpers
+        self._digest = digest
+        self._buf = b""
+        self._header = False
+        self.done = False
+
+    async def feed(self, chunk: bytes) -> None:
+        data = self._buf + chunk if self._buf else bytes(chunk)
+        if not self._header:
+            if len(data) < 19:
+                self._buf = data
+                return
+            if data[:11] != PG_COPY_HEADER[:11]:
+                raise ValueError("not PostgreSQL binary COPY data")
+            start = 19 + int.from_bytes(data[15:19], "big")
+            if len(data) < start:
+                self._buf = data
+                return
+            data = data[start:]
+            self._header = True
+        if self.done:
+            if data:
+                raise ValueError("binary COPY data after the trailer")
+            return
+        consumed, n, hi, lo, done = self._native.digest_copy(self._kinds, data, self._helpers)
+        self._digest.add_sum(n, (hi << 64) | lo)
+        self._buf = data[consumed:]
+        self.done = bool(done)
+
+    def finish(self) -> None:
+        if not self.done or self._buf:
+            raise ValueError("binary COPY data ended before its trailer")

@@ -219,7 +219,17 @@ class PostgresTarget:
         codec = RowCodec(layout, "pg")
         cols = ", ".join(_q(c.name) for c in (layout.columns[0], *layout.data_columns))
         d = DigestBuilder(layout.entity)
-        cur = await conn.cursor(f"SELECT {cols} FROM {_q(self.schema)}.{_q(layout.entity)}")
+        query = f"SELECT {cols} FROM {_q(self.schema)}.{_q(layout.entity)}"
+        if codec.native is not None:  # binary COPY out, parsed natively: no row objects
+            sink = codec.pg_copy_digest(d)
+            try:
+                await conn.copy_from_query(query, output=sink.feed, format="binary")
+                sink.finish()
+            except ValueError as exc:
+                raise TargetError(f"{self.location}: reading {layout.entity} back: {exc}"
+                                  ) from None
+            return d.result()
+        cur = await conn.cursor(query)
         while rows := await cur.fetch(50_000):  # chunks: no per-row await
             codec.digest_stored(rows, d)
         return d.result()
