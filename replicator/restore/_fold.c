@@ -342,10 +342,176 @@ done:
     return result;
 }
 
+/* -- fold_block_latest: newest first ------------------------------------------------- */
+
+/* fold_block_latest(raw, lo, hi, cut_ms, rank, out, keys, keep_record, odd) -> n
+ *
+ * Walks the block's records newest first and stores a change only for keys not yet in
+ * `out`: called on a partition's blocks from the newest back, the first change seen for a
+ * key is its last one, and an older change costs a lookup instead of a new value. Records
+ * outside [lo, hi), with a null value or a timestamp above cut_ms are skipped; n counts the
+ * records read (before the `keys` filter), as fold_block does. */
+static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer buf;
+    long long lo, hi, rank;
+    PyObject *cut_obj, *out, *keys, *odd;
+    int keep_record;
+    if (!PyArg_ParseTuple(args, "y*LLOLO!OpO", &buf, &lo, &hi, &cut_obj, &rank, &PyDict_Type,
+                          &out, &keys, &keep_record, &odd))
+        return NULL;
+    int has_cut = cut_obj != Py_None;
+    long long cut_ms = 0;
+    PyObject *result = NULL, *rank_o = NULL, *empty = NULL, *hdr_o = NULL;
+    Py_ssize_t *starts = NULL, nrec = 0, cap = 0;
+    const char *hdr_p = NULL; /* the bytes hdr_o holds, to share it between records */
+    Py_ssize_t hdr_n = 0;
+    if (has_cut && (cut_ms = PyLong_AsLongLong(cut_obj)) == -1 && PyErr_Occurred()) goto done;
+    if (keys == Py_None) keys = NULL;
+    rank_o = PyLong_FromLongLong(rank);
+    empty = PyBytes_FromStringAndSize(NULL, 0);
+    if (rank_o == NULL || empty == NULL) goto done;
+    const unsigned char *raw = buf.buf;
+    Py_ssize_t size = buf.len, pos = 0;
+    /* pass 1: where each record starts (framing checked) */
+    while (pos < size) {
+        if (nrec == cap) {
+            cap = cap ? cap * 2 : 4096;
+            Py_ssize_t *p = PyMem_Realloc(starts, cap * sizeof(Py_ssize_t));
+            if (p == NULL) { PyErr_NoMemory(); goto done; }
+            starts = p;
+        }
+        starts[nrec++] = pos;
+        if (size - pos < REC_HEADER) { corrupt("truncated record header", pos); goto done; }
+        const unsigned char *r = raw + pos;
+        int32_t klen = rd_i32(r + 17), vlen = rd_i32(r + 21);
+        uint16_t hcount = rd_u16(r + 25);
+        pos += REC_HEADER;
+        if (klen > 0) {
+            if (klen > size - pos) { corrupt("key beyond the payload", pos); goto done; }
+            pos += klen;
+        }
+        if (vlen > 0) {
+            if (vlen > size - pos) { corrupt("value beyond the payload", pos); goto done; }
+            pos += vlen;
+        }
+        for (unsigned i = 0; i < hcount; i++) {
+            if (size - pos < 2) { corrupt("truncated header name", pos); goto done; }
+            pos += 2 + rd_u16(raw + pos);
+            if (size - pos < 4) { corrupt("truncated header value", pos); goto done; }
+            int32_t hv = rd_i32(raw + pos);
+            pos += 4;
+            if (hv > 0) {
+                if (hv > size - pos) { corrupt("header beyond the payload", pos); goto done; }
+                pos += hv;
+            }
+        }
+        if (pos > size) { corrupt("record beyond the payload", pos); goto done; }
+    }
+    /* pass 2: newest first */
+    long long n = 0;
+    for (Py_ssize_t ri = nrec - 1; ri >= 0; ri--) {
+        Py_ssize_t p0 = starts[ri], end = ri + 1 < nrec ? starts[ri + 1] : size;
+        const unsigned char *r = raw + p0;
+        long long off = rd_i64(r), ts = rd_i64(r + 8);
+        int32_t klen = rd_i32(r + 17), vlen = rd_i32(r + 21);
+        uint16_t hcount = rd_u16(r + 25);
+        Py_ssize_t kpos = p0 + REC_HEADER;
+        Py_ssize_t vpos = kpos + (klen > 0 ? klen : 0);
+        Py_ssize_t hpos = vpos + (vlen > 0 ? vlen : 0);
+        if (off < lo || off >= hi || vlen < 0) continue;
+        if (has_cut && ts > cut_ms) continue;
+        n++;
+        head_t h;
+        PyObject *key = NULL, *version = NULL;
+        int is_delete;
+        if (scan_head((const char *)raw + vpos, vlen, &h) &&
+            (key = PyUnicode_DecodeUTF8(h.key, h.key_len, NULL)) != NULL) {
+            is_delete = h.is_delete;
+        } else {
+            PyErr_Clear();
+            PyObject *v = PyBytes_FromStringAndSize((const char *)raw + vpos, vlen);
+            if (v == NULL) goto done;
+            PyObject *res = PyObject_CallFunction(odd, "OL", v, off);
+            Py_DECREF(v);
+            if (res == NULL) goto done;
+            if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 3) {
+                Py_DECREF(res);
+                PyErr_SetString(PyExc_TypeError, "odd() must return (key, is_delete, version)");
+                goto done;
+            }
+            key = Py_NewRef(PyTuple_GET_ITEM(res, 0));
+            is_delete = PyObject_IsTrue(PyTuple_GET_ITEM(res, 1));
+            PyObject *ver = PyTuple_GET_ITEM(res, 2);
+            version = ver == Py_None ? PyLong_FromLong(-1) : Py_NewRef(ver);
+            Py_DECREF(res);
+            if (version == NULL || is_delete < 0) { Py_XDECREF(version); Py_DECREF(key); goto done; }
+        }
+        int seen = PyDict_Contains(out, key);
+        if (seen == 0 && keys != NULL) {
+            int in = PySequence_Contains(keys, key);
+            seen = in < 0 ? -1 : !in;
+        }
+        if (seen != 0) {
+            Py_DECREF(key);
+            Py_XDECREF(version);
+            if (seen < 0) goto done;
+            continue;
+        }
+        if (version == NULL) {
+            version = PyLong_FromLongLong(h.has_version ? h.version : -1);
+            if (version == NULL) { Py_DECREF(key); goto done; }
+        }
+        PyObject *h_o = empty;
+        if (keep_record && hcount) {
+            Py_ssize_t hn = end - hpos;
+            if (hdr_o == NULL || hn != hdr_n || memcmp(hdr_p, raw + hpos, hn) != 0) {
+                PyObject *nh = PyBytes_FromStringAndSize((const char *)raw + hpos, hn);
+                if (nh == NULL) { Py_DECREF(key); Py_DECREF(version); goto done; }
+                Py_XSETREF(hdr_o, nh);
+                hdr_p = PyBytes_AS_STRING(hdr_o);
+                hdr_n = hn;
+            }
+            h_o = hdr_o;
+        }
+        PyObject *items[7] = {
+            version, PyLong_FromLongLong(ts), Py_NewRef(rank_o), PyLong_FromLongLong(off),
+            is_delete ? Py_NewRef(Py_None)
+                      : PyBytes_FromStringAndSize((const char *)raw + vpos, vlen),
+            (keep_record && klen >= 0)
+                ? PyBytes_FromStringAndSize((const char *)raw + kpos, klen) : Py_NewRef(Py_None),
+            Py_NewRef(h_o),
+        };
+        PyObject *t = PyTuple_New(7);
+        int bad = t == NULL;
+        for (int i = 0; i < 7; i++) {
+            if (items[i] == NULL) bad = 1;
+            if (t != NULL) PyTuple_SET_ITEM(t, i, items[i]);
+            else Py_XDECREF(items[i]);
+        }
+        if (bad) { Py_XDECREF(t); Py_DECREF(key); goto done; }
+        PyObject_GC_UnTrack(t); /* ints, bytes and None only */
+        int rc = PyDict_SetItem(out, key, t);
+        Py_DECREF(t);
+        Py_DECREF(key);
+        if (rc < 0) goto done;
+    }
+    result = PyLong_FromLongLong(n);
+done:
+    PyMem_Free(starts);
+    Py_XDECREF(rank_o);
+    Py_XDECREF(empty);
+    Py_XDECREF(hdr_o);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fold_block", fold_block, METH_VARARGS,
      "fold_block(raw, lo, hi, cut_ms, stop_ms, rank, out, keys, keep_record, last_hdr, "
      "last_hcount, odd) -> (n, status, stopped, last_hdr, last_hcount); see foldblock.py"},
+    {"fold_block_latest", fold_block_latest, METH_VARARGS,
+     "fold_block_latest(raw, lo, hi, cut_ms, rank, out, keys, keep_record, odd) -> n; "
+     "see foldblock.py"},
     {NULL, NULL, 0, NULL},
 };
 

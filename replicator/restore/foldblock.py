@@ -120,6 +120,70 @@ def fold_block_py(
     return n, CONTINUE, None, last_hdr, last_hcount
 
 
+FoldLatest = Callable[
+    [bytes, int, int, int | None, int, dict[str, Any], Collection[str] | None, bool, Odd], int
+]
+
+
+def fold_block_latest_py(
+    raw: bytes, lo: int, hi: int, cut_ms: int | None, rank: int, out: dict[str, Any],
+    keys: Collection[str] | None, keep_record: bool, odd: Odd,
+) -> int:
+    """Newest first (the reference): a change is stored only for a key not yet in ``out``.
+
+    Called on a partition's blocks from the newest back, the first change met for a key is
+    its last one -- the same state :func:`fold_block_py` reaches going forward, where each
+    older change costs a new value. Records outside ``[lo, hi)``, with a null value or a
+    timestamp above ``cut_ms`` are skipped; returns the records read (before ``keys``)."""
+    unpack = fmt.RECORD_HEADER.unpack_from
+    rsize = fmt.RECORD_HEADER.size
+    name_unpack = fmt.HEADER_NAME.unpack_from
+    nsize = fmt.HEADER_NAME.size
+    hval_unpack = fmt.HEADER_VALUE.unpack_from
+    hsize = fmt.HEADER_VALUE.size
+    recs = []
+    pos = 0
+    size = len(raw)
+    while pos < size:
+        off, ts, _tt, klen, vlen, hcount = unpack(raw, pos)
+        kpos = pos + rsize
+        vpos = kpos + max(klen, 0)
+        hpos = vpos + max(vlen, 0)
+        pos = hpos
+        for _ in range(hcount):
+            pos += nsize + name_unpack(raw, pos)[0]
+            (vl,) = hval_unpack(raw, pos)
+            pos += hsize + (vl if vl > 0 else 0)
+        if pos > size:
+            raise ValueError(f"record framing: the record at offset {off} runs beyond the "
+                             "payload")
+        recs.append((off, ts, klen, vlen, hcount, kpos, vpos, hpos, pos))
+    n = 0
+    for off, ts, klen, vlen, hcount, kpos, vpos, hpos, end in reversed(recs):
+        if off < lo or off >= hi or vlen < 0 or (cut_ms is not None and ts > cut_ms):
+            continue
+        n += 1
+        value = raw[vpos : vpos + vlen]
+        try:
+            head = decode_head(value)
+            key, is_delete, version = head.key, head.op == "delete", head.version
+        except msgspec.DecodeError:
+            key, is_delete, version = odd(value, off)
+        if key in out or (keys is not None and key not in keys):
+            continue
+        out[key] = (-1 if version is None else version, ts, rank, off,
+                    None if is_delete else value,
+                    raw[kpos : kpos + klen] if keep_record and klen >= 0 else None,
+                    raw[hpos:end] if keep_record and hcount else b"")
+    return n
+
+
+def _fold_mod() -> Any:
+    from replicator.restore import _fold  # type: ignore[attr-defined]
+
+    return _fold
+
+
 def _load_native() -> FoldBlock | None:
     if os.environ.get("REPLICATOR_NO_NATIVE"):
         return None
@@ -134,3 +198,6 @@ def _load_native() -> FoldBlock | None:
 #: the native fold when it was built (``REPLICATOR_NO_NATIVE=1`` forces the reference)
 native_fold_block: FoldBlock | None = _load_native()
 fold_block: FoldBlock = native_fold_block or fold_block_py
+native_fold_block_latest: FoldLatest | None = (
+    None if native_fold_block is None else getattr(_fold_mod(), "fold_block_latest", None))
+fold_block_latest: FoldLatest = native_fold_block_latest or fold_block_latest_py

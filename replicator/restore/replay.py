@@ -28,9 +28,16 @@ from typing import NamedTuple
 import msgspec
 
 from replicator.errors import CorruptSegmentError
-from replicator.restore.foldblock import STOPPED, Odd, decode_head, fold_block
+from replicator.restore.foldblock import (
+    STOPPED,
+    Odd,
+    decode_head,
+    fold_block,
+    fold_block_latest,
+)
 from replicator.restore.planner import PartitionPlan, RestorePlan, SegmentInfo
 from replicator.segment import format as fmt
+from replicator.segment.format import BlockMeta
 from replicator.segment.reader import SegmentReader
 from replicator.snapshot.file import SnapshotFileReader
 from replicator.snapshot.format import Entry
@@ -130,6 +137,55 @@ def fold_partition(
     return out, None
 
 
+def fold_partition_latest(
+    pp: PartitionPlan,
+    rank: int,
+    opener: Opener,
+    keys: Collection[str] | None,
+    stats: ReplayStats,
+    progress: Progress | None,
+    keep_record: bool = False,
+    *,
+    initial: dict[str, Change] | None = None,
+) -> dict[str, Change]:
+    """The last change per key of one partition's planned reads (and, for keys they do not
+    touch, ``initial``: the partition's state at the snapshot the plan starts from).
+
+    The same state as :func:`fold_partition`, read newest first: the reads, their blocks
+    and the records in each block in reverse, a change stored only for a key not met yet.
+    Most of a long history is older changes of keys already met, which then cost a lookup
+    instead of a new value -- restore's replay is bound by these per-change costs."""
+    out: dict[str, Change] = {}
+    cut_ms = pp.cut_ms
+    fold = fold_block_latest
+
+    def blocks() -> Iterator[tuple[str, int, int, BlockMeta, bytes]]:
+        for read in reversed(pp.reads):
+            stats.files += 1
+            lo, hi = read.from_offset, read.to_offset
+            with SegmentReader(opener(read.segment), name=read.segment.name,
+                               expect_sealed=read.segment.location == "store") as r:
+                for meta, raw in r.iter_block_payloads(from_offset=lo, to_offset=hi,
+                                                       reverse=True):
+                    if cut_ms is None or meta.min_ts <= cut_ms:
+                        yield read.segment.name, lo, hi, meta, raw
+
+    for name, lo, hi, meta, raw in blocks():
+        try:
+            n = fold(raw, lo, hi, cut_ms, rank, out, keys, keep_record,
+                     _odd(name, meta.position))
+        except (ValueError, struct.error) as exc:
+            raise CorruptSegmentError(name, meta.position, str(exc)) from None
+        stats.events += n
+        stats.bytes += meta.size
+        if progress is not None:
+            progress(n)
+    if initial:
+        for key, change in initial.items():
+            out.setdefault(key, change)
+    return out
+
+
 def _odd(name: str, position: int) -> Odd:
     """The fold's decoder of last resort for values of one block: the reference decode, or
     :class:`CorruptSegmentError` naming the file, block position and offset."""
@@ -227,8 +283,8 @@ def replay(
         initial = load_snapshots(plan, snapshot_opener, keys=keys, stats=stats,
                                  progress=progress, keep_record=keep_record)
     for rank, pp in enumerate(plan.partitions):
-        local, _ = fold_partition(pp, rank, opener, keys, stats, progress, keep_record,
-                                  out=initial.get((pp.topic, pp.partition)))
+        local = fold_partition_latest(pp, rank, opener, keys, stats, progress, keep_record,
+                                      initial=initial.get((pp.topic, pp.partition)))
         merged = state[pp.entity]
         if not merged:
             merged.update(local)

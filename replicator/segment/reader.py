@@ -389,9 +389,20 @@ class SegmentReader:
         return None
 
     def iter_block_payloads(
-        self, *, from_offset: int | None = None, to_offset: int | None = None
+        self, *, from_offset: int | None = None, to_offset: int | None = None,
+        reverse: bool = False,
     ) -> Iterator[tuple[BlockMeta, bytes]]:
-        """Checked raw payloads of the blocks overlapping ``[from_offset, to_offset)``."""
+        """Checked raw payloads of the blocks overlapping ``[from_offset, to_offset)``, in
+        offset order or, with ``reverse``, newest block first."""
+        if reverse:
+            for meta in reversed(self.blocks):
+                if to_offset is not None and meta.start >= to_offset:
+                    continue
+                if from_offset is not None and meta.end <= from_offset:
+                    break
+                if meta.records:
+                    yield meta, self._payload(meta)
+            return
         for meta in self.blocks:
             if from_offset is not None and meta.end <= from_offset:
                 continue
