@@ -145,9 +145,13 @@ static inline uint64_t rotr64(uint64_t x, int n) { return (x >> n) | (x << (64 -
 static void b2_compress(uint64_t h[8], const uint8_t block[128], uint64_t t, int last) {
     uint64_t m[16], v[16];
     for (int i = 0; i < 16; i++) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(&m[i], block + i * 8, 8);
+#else
         uint64_t w = 0;
         for (int j = 7; j >= 0; j--) w = (w << 8) | block[i * 8 + j];
         m[i] = w;
+#endif
     }
     for (int i = 0; i < 8; i++) { v[i] = h[i]; v[i + 8] = B2_IV[i]; }
     v[12] ^= t; /* inputs here are far below 2**64 bytes: the high counter word stays 0 */
