@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import replicator
 from replicator.catalog import Catalog
@@ -39,6 +39,7 @@ from replicator.restore.rowcodec import RowCodec, event_rows
 from replicator.schemas import SchemaRegistry
 from replicator.snapshot.tiers import Tiers
 from replicator.targets import RestoreRecord, Target, open_target
+from replicator.targets.base import CodecTarget
 
 
 async def load_catalog(catalog: Catalog) -> tuple[list[SegmentInfo], list[WatermarkInfo]]:
@@ -207,7 +208,7 @@ async def execute_restore(
             row_target = getattr(target, "row_target", None)
             if row_target is not None and kafka is None:
                 codec = RowCodec(layout, row_target)
-                counts[entity] = await target.write_codec(  # type: ignore[attr-defined]
+                counts[entity] = await cast(CodecTarget, target).write_codec(
                     codec, plan, state[entity], d, progress)
                 state[entity] = {}
                 continue

@@ -7,17 +7,29 @@ any moment, either the complete result or nothing is there, and a rerun succeeds
 
 Call order: ``open`` -> (``write`` per entity) -> ``read_digest`` per entity -> ``record``
 -> ``commit``; ``abort`` on any failure (safe to call at any point, idempotent).
+
+A relational target (:class:`CodecTarget`) is handed the live changes instead and converts
+them with a :class:`~replicator.restore.rowcodec.RowCodec` (native when built), which also
+computes the backup side of the digest in the same pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from replicator.restore.digest import StateDigest
 from replicator.restore.layout import TableLayout
 from replicator.restore.replay import LiveRow
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from replicator.restore.digest import DigestBuilder
+    from replicator.restore.planner import RestorePlan
+    from replicator.restore.replay import Change
+    from replicator.restore.rowcodec import RowCodec, RowTarget
 
 #: One row as handed to a target: the winning change and its parsed event (``data`` inside).
 RowIn = tuple[LiveRow, dict[str, Any]]
@@ -59,3 +71,14 @@ class Target(Protocol):
 
     async def abort(self) -> None:
         """Discard everything written (idempotent)."""
+
+
+class CodecTarget(Target, Protocol):
+    #: the row form the target takes (``pg`` or ``sqlite``)
+    row_target: RowTarget
+
+    async def write_codec(self, codec: RowCodec, plan: RestorePlan,
+                          changes: dict[str, Change], digest: DigestBuilder,
+                          progress: Callable[[int], None] | None = None) -> int:
+        """Write one entity's live ``changes`` converted by ``codec`` (key order), feeding
+        ``digest``; returns the number written."""

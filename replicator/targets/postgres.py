@@ -37,7 +37,7 @@ from replicator.targets.base import RestoreRecord, RowIn
 if TYPE_CHECKING:
     from replicator.restore.planner import RestorePlan
     from replicator.restore.replay import Change
-    from replicator.restore.rowcodec import RowCodec
+    from replicator.restore.rowcodec import RowCodec, RowTarget
 
 RESTORES_TABLE = "replicator_restores"
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -165,7 +165,7 @@ class PostgresTarget:
         return self._conn
 
     #: this target takes rows converted by :class:`~replicator.restore.rowcodec.RowCodec`
-    row_target = "pg"
+    row_target: RowTarget = "pg"
 
     async def write(self, layout: TableLayout, rows: Iterable[RowIn]) -> int:
         return await self.write_rows(layout, pg_rows(layout, rows))

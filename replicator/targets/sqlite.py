@@ -40,7 +40,7 @@ from replicator.targets.base import RestoreRecord, RowIn
 if TYPE_CHECKING:
     from replicator.restore.planner import RestorePlan
     from replicator.restore.replay import Change
-    from replicator.restore.rowcodec import RowCodec
+    from replicator.restore.rowcodec import RowCodec, RowTarget
 
 RESTORES_TABLE = "replicator_restores"
 
@@ -155,7 +155,7 @@ class SqliteTarget:
     # -- writing ---------------------------------------------------------------------------
 
     #: this target takes rows converted by :class:`~replicator.restore.rowcodec.RowCodec`
-    row_target = "sqlite"
+    row_target: RowTarget = "sqlite"
 
     async def write(self, layout: TableLayout, rows: Iterable[RowIn]) -> int:
         return await self.write_rows(layout, sqlite_rows(layout, rows))
