@@ -159,7 +159,8 @@ def test_truncated_framing_is_an_error_in_both() -> None:
                    lambda v, o: ("a", False, None))
 
 
-def _run_latest(fn: Any, blocks: list[bytes], **kw: Any) -> tuple[dict[str, Any], int]:
+def _run_latest(fn: Any, blocks: list[bytes], seen: Any = None, **kw: Any
+                ) -> tuple[dict[str, Any], int]:
     out: dict[str, Any] = {}
     n = 0
 
@@ -169,7 +170,7 @@ def _run_latest(fn: Any, blocks: list[bytes], **kw: Any) -> tuple[dict[str, Any]
 
     for raw in reversed(blocks):
         n += fn(raw, kw.get("lo", 0), kw.get("hi", 1 << 62), kw.get("cut_ms"), 3, out,
-                kw.get("keys"), kw.get("keep_record", False), odd)
+                kw.get("keys"), kw.get("keep_record", False), odd, seen)
     return out, n
 
 
@@ -177,7 +178,11 @@ def _run_latest(fn: Any, blocks: list[bytes], **kw: Any) -> tuple[dict[str, Any]
 def test_newest_first_reaches_the_same_state(seed: int) -> None:
     """fold_block_latest over the blocks newest first == fold_block over them in order, for
     the reference and (when built) the native form."""
-    from replicator.restore.foldblock import fold_block_latest_py, native_fold_block_latest
+    from replicator.restore.foldblock import (
+        fold_block_latest_py,
+        native_fold_block_latest,
+        new_keyset,
+    )
 
     rng = random.Random(100 + seed)
     blocks = []
@@ -197,3 +202,7 @@ def test_newest_first_reaches_the_same_state(seed: int) -> None:
             got, n = _run_latest(fn, blocks, **kw)
             assert got == want, (fn, kw)
             assert n == sum(r[0] for r in results), (fn, kw)
+        if native_fold_block_latest is not None:  # with the set of decided keys
+            got, n = _run_latest(native_fold_block_latest, blocks, new_keyset(), **kw)
+            assert got == want, kw
+            assert n == sum(r[0] for r in results), kw

@@ -342,6 +342,90 @@ done:
     return result;
 }
 
+/* -- KeySet: the keys a newest-first fold has decided ----------------------------------
+ *
+ * An open-addressing set of key bytes (64-bit FNV-1a hashes, the bytes in an arena). A
+ * newest-first fold meets most records for a key it has already decided; looking the raw
+ * bytes up here costs no str, no Python hash and no dict probe. Held in a capsule. */
+
+typedef struct {
+    uint64_t hash; /* 0: empty slot */
+    uint64_t off;  /* key bytes in the arena */
+    uint64_t len;
+} ks_slot;
+
+typedef struct {
+    ks_slot *slots;
+    size_t cap, n; /* cap: a power of two */
+    char *arena;
+    size_t used, room;
+} keyset_t;
+
+static void ks_free(PyObject *capsule) {
+    keyset_t *k = PyCapsule_GetPointer(capsule, "replicator.keyset");
+    if (k == NULL) return;
+    PyMem_Free(k->slots);
+    PyMem_Free(k->arena);
+    PyMem_Free(k);
+}
+
+static PyObject *keyset_new(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args)) {
+    keyset_t *k = PyMem_Calloc(1, sizeof(keyset_t));
+    if (k == NULL) return PyErr_NoMemory();
+    k->cap = 1 << 16;
+    k->slots = PyMem_Calloc(k->cap, sizeof(ks_slot));
+    if (k->slots == NULL) { PyMem_Free(k); return PyErr_NoMemory(); }
+    PyObject *c = PyCapsule_New(k, "replicator.keyset", ks_free);
+    if (c == NULL) { PyMem_Free(k->slots); PyMem_Free(k); }
+    return c;
+}
+
+static inline uint64_t ks_hash(const char *p, Py_ssize_t n) {
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (Py_ssize_t i = 0; i < n; i++) { h ^= (unsigned char)p[i]; h *= 0x100000001b3ULL; }
+    return h ? h : 1;
+}
+
+/* 1 if present; 0 if absent (and then added when `add`); -1 on memory error */
+static int ks_lookup(keyset_t *k, const char *p, Py_ssize_t n, int add) {
+    uint64_t h = ks_hash(p, n);
+    size_t mask = k->cap - 1, i = (size_t)h & mask;
+    for (;;) {
+        ks_slot *s = &k->slots[i];
+        if (s->hash == 0) break;
+        if (s->hash == h && s->len == (uint64_t)n && memcmp(k->arena + s->off, p, n) == 0)
+            return 1;
+        i = (i + 1) & mask;
+    }
+    if (!add) return 0;
+    if (k->used + (size_t)n > k->room) {
+        size_t room = k->room ? k->room : 1 << 20;
+        while (room < k->used + (size_t)n) room *= 2;
+        char *a = PyMem_Realloc(k->arena, room);
+        if (a == NULL) { PyErr_NoMemory(); return -1; }
+        k->arena = a;
+        k->room = room;
+    }
+    memcpy(k->arena + k->used, p, n);
+    k->slots[i] = (ks_slot){h, k->used, (uint64_t)n};
+    k->used += n;
+    if (++k->n * 2 > k->cap) { /* keep the load under 1/2 */
+        size_t cap = k->cap * 2;
+        ks_slot *ns = PyMem_Calloc(cap, sizeof(ks_slot));
+        if (ns == NULL) { PyErr_NoMemory(); return -1; }
+        for (size_t j = 0; j < k->cap; j++) {
+            if (k->slots[j].hash == 0) continue;
+            size_t q = (size_t)k->slots[j].hash & (cap - 1);
+            while (ns[q].hash) q = (q + 1) & (cap - 1);
+            ns[q] = k->slots[j];
+        }
+        PyMem_Free(k->slots);
+        k->slots = ns;
+        k->cap = cap;
+    }
+    return 0;
+}
+
 /* -- fold_block_latest: newest first ------------------------------------------------- */
 
 /* fold_block_latest(raw, lo, hi, cut_ms, rank, out, keys, keep_record, odd) -> n
@@ -354,11 +438,16 @@ done:
 static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer buf;
     long long lo, hi, rank;
-    PyObject *cut_obj, *out, *keys, *odd;
+    PyObject *cut_obj, *out, *keys, *odd, *seen_o = Py_None;
     int keep_record;
-    if (!PyArg_ParseTuple(args, "y*LLOLO!OpO", &buf, &lo, &hi, &cut_obj, &rank, &PyDict_Type,
-                          &out, &keys, &keep_record, &odd))
+    if (!PyArg_ParseTuple(args, "y*LLOLO!OpO|O", &buf, &lo, &hi, &cut_obj, &rank, &PyDict_Type,
+                          &out, &keys, &keep_record, &odd, &seen_o))
         return NULL;
+    keyset_t *seen = NULL;
+    if (seen_o != Py_None) {
+        seen = PyCapsule_GetPointer(seen_o, "replicator.keyset");
+        if (seen == NULL) { PyBuffer_Release(&buf); return NULL; }
+    }
     int has_cut = cut_obj != Py_None;
     long long cut_ms = 0;
     PyObject *result = NULL, *rank_o = NULL, *empty = NULL, *hdr_o = NULL;
@@ -424,8 +513,16 @@ static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
         head_t h;
         PyObject *key = NULL, *version = NULL;
         int is_delete;
-        if (scan_head((const char *)raw + vpos, vlen, &h) &&
-            (key = PyUnicode_DecodeUTF8(h.key, h.key_len, NULL)) != NULL) {
+        int fast = scan_head((const char *)raw + vpos, vlen, &h);
+        if (fast && seen != NULL) {
+            /* decided already (the raw bytes of an escape-free key are its UTF-8) */
+            int r = ks_lookup(seen, h.key, h.key_len, 0);
+            if (r != 0) {
+                if (r < 0) goto done;
+                continue;
+            }
+        }
+        if (fast && (key = PyUnicode_DecodeUTF8(h.key, h.key_len, NULL)) != NULL) {
             is_delete = h.is_delete;
         } else {
             PyErr_Clear();
@@ -446,15 +543,26 @@ static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
             Py_DECREF(res);
             if (version == NULL || is_delete < 0) { Py_XDECREF(version); Py_DECREF(key); goto done; }
         }
-        int seen = PyDict_Contains(out, key);
-        if (seen == 0 && keys != NULL) {
-            int in = PySequence_Contains(keys, key);
-            seen = in < 0 ? -1 : !in;
+        int seen_key = PyDict_Contains(out, key);
+        if (seen_key == 0 && seen != NULL) {
+            Py_ssize_t kn;
+            const char *kp = PyUnicode_Check(key) ? PyUnicode_AsUTF8AndSize(key, &kn) : NULL;
+            if (kp == NULL) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_TypeError, "a record key must be a str");
+                seen_key = -1;
+            } else {
+                seen_key = ks_lookup(seen, kp, kn, 1); /* decided from here on */
+            }
         }
-        if (seen != 0) {
+        if (seen_key == 0 && keys != NULL) {
+            int in = PySequence_Contains(keys, key);
+            seen_key = in < 0 ? -1 : !in;
+        }
+        if (seen_key != 0) {
             Py_DECREF(key);
             Py_XDECREF(version);
-            if (seen < 0) goto done;
+            if (seen_key < 0) goto done;
             continue;
         }
         if (version == NULL) {
@@ -509,6 +617,8 @@ static PyMethodDef methods[] = {
     {"fold_block", fold_block, METH_VARARGS,
      "fold_block(raw, lo, hi, cut_ms, stop_ms, rank, out, keys, keep_record, last_hdr, "
      "last_hcount, odd) -> (n, status, stopped, last_hdr, last_hcount); see foldblock.py"},
+    {"keyset", keyset_new, METH_NOARGS,
+     "keyset() -> a capsule for fold_block_latest's `seen` argument"},
     {"fold_block_latest", fold_block_latest, METH_VARARGS,
      "fold_block_latest(raw, lo, hi, cut_ms, rank, out, keys, keep_record, odd) -> n; "
      "see foldblock.py"},

@@ -121,20 +121,25 @@ def fold_block_py(
 
 
 FoldLatest = Callable[
-    [bytes, int, int, int | None, int, dict[str, Any], Collection[str] | None, bool, Odd], int
+    [bytes, int, int, int | None, int, dict[str, Any], Collection[str] | None, bool, Odd, Any],
+    int,
 ]
 
 
 def fold_block_latest_py(
     raw: bytes, lo: int, hi: int, cut_ms: int | None, rank: int, out: dict[str, Any],
-    keys: Collection[str] | None, keep_record: bool, odd: Odd,
+    keys: Collection[str] | None, keep_record: bool, odd: Odd, seen: Any = None,
 ) -> int:
     """Newest first (the reference): a change is stored only for a key not yet in ``out``.
 
     Called on a partition's blocks from the newest back, the first change met for a key is
     its last one -- the same state :func:`fold_block_py` reaches going forward, where each
     older change costs a new value. Records outside ``[lo, hi)``, with a null value or a
-    timestamp above ``cut_ms`` are skipped; returns the records read (before ``keys``)."""
+    timestamp above ``cut_ms`` are skipped; returns the records read (before ``keys``).
+
+    ``seen`` (from :func:`new_keyset`; the native form only, ignored here) remembers the keys
+    decided so far -- stored or filtered out by ``keys`` -- as raw bytes, so that an older
+    record of one is skipped without a str or a dict lookup. One per ``out``."""
     unpack = fmt.RECORD_HEADER.unpack_from
     rsize = fmt.RECORD_HEADER.size
     name_unpack = fmt.HEADER_NAME.unpack_from
@@ -201,3 +206,10 @@ fold_block: FoldBlock = native_fold_block or fold_block_py
 native_fold_block_latest: FoldLatest | None = (
     None if native_fold_block is None else getattr(_fold_mod(), "fold_block_latest", None))
 fold_block_latest: FoldLatest = native_fold_block_latest or fold_block_latest_py
+
+
+def new_keyset() -> Any:
+    """A ``seen`` set for one newest-first fold (``None`` on the reference path)."""
+    if native_fold_block_latest is None:
+        return None
+    return getattr(_fold_mod(), "keyset", lambda: None)()

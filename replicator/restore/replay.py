@@ -34,6 +34,7 @@ from replicator.restore.foldblock import (
     decode_head,
     fold_block,
     fold_block_latest,
+    new_keyset,
 )
 from replicator.restore.planner import PartitionPlan, RestorePlan, SegmentInfo
 from replicator.segment import format as fmt
@@ -158,6 +159,7 @@ def fold_partition_latest(
     out: dict[str, Change] = {}
     cut_ms = pp.cut_ms
     fold = fold_block_latest
+    seen = new_keyset()
 
     def blocks() -> Iterator[tuple[str, int, int, BlockMeta, bytes]]:
         for read in reversed(pp.reads):
@@ -173,7 +175,7 @@ def fold_partition_latest(
     for name, lo, hi, meta, raw in blocks():
         try:
             n = fold(raw, lo, hi, cut_ms, rank, out, keys, keep_record,
-                     _odd(name, meta.position))
+                     _odd(name, meta.position), seen)
         except (ValueError, struct.error) as exc:
             raise CorruptSegmentError(name, meta.position, str(exc)) from None
         stats.events += n
