@@ -428,6 +428,12 @@ static int ks_lookup(keyset_t *k, const char *p, Py_ssize_t n, int add) {
 
 /* -- fold_block_latest: newest first ------------------------------------------------- */
 
+typedef struct {
+    head_t h;
+    int fast; /* h is valid */
+    int cand; /* may decide its key (passes the filters, key not decided before) */
+} rec_t;
+
 /* fold_block_latest(raw, lo, hi, cut_ms, rank, out, keys, keep_record, odd) -> n
  *
  * Walks the block's records newest first and stores a change only for keys not yet in
@@ -452,6 +458,7 @@ static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
     long long cut_ms = 0;
     PyObject *result = NULL, *rank_o = NULL, *empty = NULL, *hdr_o = NULL;
     Py_ssize_t *starts = NULL, nrec = 0, cap = 0;
+    rec_t *recs = NULL;
     const char *hdr_p = NULL; /* the bytes hdr_o holds, to share it between records */
     Py_ssize_t hdr_n = 0;
     if (has_cut && (cut_ms = PyLong_AsLongLong(cut_obj)) == -1 && PyErr_Occurred()) goto done;
@@ -461,44 +468,80 @@ static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
     if (rank_o == NULL || empty == NULL) goto done;
     const unsigned char *raw = buf.buf;
     Py_ssize_t size = buf.len, pos = 0;
+    /* passes 1 and 2 touch only the payload and `seen` (owned by this fold): without the
+     * GIL, so that another thread can decompress or fold meanwhile */
+    const char *err = NULL;
+    Py_ssize_t err_pos = 0;
+    long long n = 0;
+    Py_BEGIN_ALLOW_THREADS
     /* pass 1: where each record starts (framing checked) */
     while (pos < size) {
         if (nrec == cap) {
             cap = cap ? cap * 2 : 4096;
-            Py_ssize_t *p = PyMem_Realloc(starts, cap * sizeof(Py_ssize_t));
-            if (p == NULL) { PyErr_NoMemory(); goto done; }
+            Py_ssize_t *p = realloc(starts, cap * sizeof(Py_ssize_t));
+            if (p == NULL) { err = "out of memory"; break; }
             starts = p;
         }
         starts[nrec++] = pos;
-        if (size - pos < REC_HEADER) { corrupt("truncated record header", pos); goto done; }
+        if (size - pos < REC_HEADER) { err = "truncated record header"; err_pos = pos; break; }
         const unsigned char *r = raw + pos;
         int32_t klen = rd_i32(r + 17), vlen = rd_i32(r + 21);
         uint16_t hcount = rd_u16(r + 25);
         pos += REC_HEADER;
         if (klen > 0) {
-            if (klen > size - pos) { corrupt("key beyond the payload", pos); goto done; }
+            if (klen > size - pos) { err = "key beyond the payload"; err_pos = pos; break; }
             pos += klen;
         }
         if (vlen > 0) {
-            if (vlen > size - pos) { corrupt("value beyond the payload", pos); goto done; }
+            if (vlen > size - pos) { err = "value beyond the payload"; err_pos = pos; break; }
             pos += vlen;
         }
-        for (unsigned i = 0; i < hcount; i++) {
-            if (size - pos < 2) { corrupt("truncated header name", pos); goto done; }
+        for (unsigned i = 0; i < hcount && err == NULL; i++) {
+            if (size - pos < 2) { err = "truncated header name"; err_pos = pos; break; }
             pos += 2 + rd_u16(raw + pos);
-            if (size - pos < 4) { corrupt("truncated header value", pos); goto done; }
+            if (size - pos < 4) { err = "truncated header value"; err_pos = pos; break; }
             int32_t hv = rd_i32(raw + pos);
             pos += 4;
             if (hv > 0) {
-                if (hv > size - pos) { corrupt("header beyond the payload", pos); goto done; }
+                if (hv > size - pos) { err = "header beyond the payload"; err_pos = pos; break; }
                 pos += hv;
             }
         }
-        if (pos > size) { corrupt("record beyond the payload", pos); goto done; }
+        if (err != NULL) break;
+        if (pos > size) { err = "record beyond the payload"; err_pos = pos; break; }
     }
-    /* pass 2: newest first */
-    long long n = 0;
+    /* pass 2: which records may decide a key (scan, filters, keys decided before) */
+    if (err == NULL && nrec > 0) {
+        recs = malloc(nrec * sizeof(rec_t));
+        if (recs == NULL) err = "out of memory";
+    }
+    for (Py_ssize_t ri = nrec - 1; err == NULL && ri >= 0; ri--) {
+        rec_t *rec = &recs[ri];
+        const unsigned char *r = raw + starts[ri];
+        long long off = rd_i64(r), ts = rd_i64(r + 8);
+        int32_t klen = rd_i32(r + 17), vlen = rd_i32(r + 21);
+        Py_ssize_t vpos = starts[ri] + REC_HEADER + (klen > 0 ? klen : 0);
+        rec->cand = 0;
+        if (off < lo || off >= hi || vlen < 0) continue;
+        if (has_cut && ts > cut_ms) continue;
+        n++;
+        rec->fast = scan_head((const char *)raw + vpos, vlen, &rec->h);
+        /* decided already? (the raw bytes of an escape-free key are its UTF-8) */
+        rec->cand = !(rec->fast && seen != NULL &&
+                      ks_lookup(seen, rec->h.key, rec->h.key_len, 0) == 1);
+    }
+    Py_END_ALLOW_THREADS
+    if (err != NULL) {
+        free(recs);
+        recs = NULL;
+        if (strcmp(err, "out of memory") == 0) PyErr_NoMemory();
+        else corrupt(err, err_pos);
+        goto done;
+    }
+    /* pass 3, with the GIL: the candidates, newest first */
     for (Py_ssize_t ri = nrec - 1; ri >= 0; ri--) {
+        rec_t *rec = &recs[ri];
+        if (!rec->cand) continue;
         Py_ssize_t p0 = starts[ri], end = ri + 1 < nrec ? starts[ri + 1] : size;
         const unsigned char *r = raw + p0;
         long long off = rd_i64(r), ts = rd_i64(r + 8);
@@ -507,21 +550,12 @@ static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
         Py_ssize_t kpos = p0 + REC_HEADER;
         Py_ssize_t vpos = kpos + (klen > 0 ? klen : 0);
         Py_ssize_t hpos = vpos + (vlen > 0 ? vlen : 0);
-        if (off < lo || off >= hi || vlen < 0) continue;
-        if (has_cut && ts > cut_ms) continue;
-        n++;
-        head_t h;
+        head_t h = rec->h;
         PyObject *key = NULL, *version = NULL;
         int is_delete;
-        int fast = scan_head((const char *)raw + vpos, vlen, &h);
-        if (fast && seen != NULL) {
-            /* decided already (the raw bytes of an escape-free key are its UTF-8) */
-            int r = ks_lookup(seen, h.key, h.key_len, 0);
-            if (r != 0) {
-                if (r < 0) goto done;
-                continue;
-            }
-        }
+        int fast = rec->fast;
+        if (fast && seen != NULL && ks_lookup(seen, h.key, h.key_len, 0) == 1)
+            continue; /* decided by a newer record of this block */
         if (fast && (key = PyUnicode_DecodeUTF8(h.key, h.key_len, NULL)) != NULL) {
             is_delete = h.is_delete;
         } else {
@@ -605,7 +639,8 @@ static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     result = PyLong_FromLongLong(n);
 done:
-    PyMem_Free(starts);
+    free(recs);
+    free(starts);
     Py_XDECREF(rank_o);
     Py_XDECREF(empty);
     Py_XDECREF(hdr_o);
