@@ -42,6 +42,10 @@ from replicator.segment.format import decode_headers
 from replicator.targets.base import RestoreRecord, RowIn
 
 RESTORES_TOPIC = "replicator_restores"
+#: the read-back digest gives up (restore aborted, nothing visible) after this long
+#: without a record while records remain: a consumer that stopped fetching must not hang
+#: a restore forever
+READ_BACK_STALL_S = 60.0
 #: the broker's default ``transaction.max.timeout.ms``: the longest a restore may take
 TRANSACTION_TIMEOUT_MS = 900_000
 
@@ -225,8 +229,16 @@ class KafkaTarget:
             ends = await consumer.end_offsets(tps)
             for tp in tps:
                 consumer.seek(tp, self._start[tp])
+                last = time.monotonic()
                 while await consumer.position(tp) < ends[tp]:
                     batch = await consumer.getmany(tp, timeout_ms=1000)
+                    if batch.get(tp):
+                        last = time.monotonic()
+                    elif time.monotonic() - last > READ_BACK_STALL_S:
+                        raise TargetError(
+                            f"{self.location}: reading {tp.topic}[{tp.partition}] back "
+                            f"stalled at offset {await consumer.position(tp)} of {ends[tp]} "
+                            f"for {READ_BACK_STALL_S:.0f}s; nothing was committed, rerun")
                     for msg in batch.get(tp, []):
                         if msg.offset >= ends[tp]:
                             break
