@@ -160,6 +160,35 @@ static int scan_head(const char *p, Py_ssize_t len, head_t *h) {
     return seen_key && seen_op;
 }
 
+/* the reference decoder for a value the scanner does not handle: odd(value, offset) ->
+ * (key, is_delete, version); new references in *key and *version (-1 for None); 0 on
+ * success, -1 with an exception set */
+static int call_odd(PyObject *odd, const unsigned char *value, int32_t vlen, long long off,
+                    PyObject **key, int *is_delete, PyObject **version) {
+    PyErr_Clear();
+    PyObject *v = PyBytes_FromStringAndSize((const char *)value, vlen);
+    if (v == NULL) return -1;
+    PyObject *res = PyObject_CallFunction(odd, "OL", v, off);
+    Py_DECREF(v);
+    if (res == NULL) return -1;
+    if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 3) {
+        Py_DECREF(res);
+        PyErr_SetString(PyExc_TypeError, "odd() must return (key, is_delete, version)");
+        return -1;
+    }
+    PyObject *ver = PyTuple_GET_ITEM(res, 2);
+    *is_delete = PyObject_IsTrue(PyTuple_GET_ITEM(res, 1));
+    *version = ver == Py_None ? PyLong_FromLong(-1) : Py_NewRef(ver);
+    *key = Py_NewRef(PyTuple_GET_ITEM(res, 0));
+    Py_DECREF(res);
+    if (*version == NULL || *is_delete < 0) {
+        Py_XDECREF(*version);
+        Py_DECREF(*key);
+        return -1;
+    }
+    return 0;
+}
+
 /* -- fold_block ------------------------------------------------------------------------ */
 
 static PyObject *corrupt(const char *what, long long pos) {
@@ -248,30 +277,8 @@ static PyObject *fold_block(PyObject *Py_UNUSED(self), PyObject *args) {
             is_delete = h.is_delete;
             version = PyLong_FromLongLong(h.has_version ? h.version : -1);
             if (version == NULL) { Py_DECREF(key); goto done; }
-        } else {
-            PyErr_Clear();
-            PyObject *v = PyBytes_FromStringAndSize((const char *)raw + vpos, vlen);
-            if (v == NULL) goto done;
-            PyObject *res = PyObject_CallFunction(odd, "OL", v, off);
-            Py_DECREF(v);
-            if (res == NULL) goto done;
-            if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 3) {
-                Py_DECREF(res);
-                PyErr_SetString(PyExc_TypeError, "odd() must return (key, is_delete, version)");
-                goto done;
-            }
-            key = PyTuple_GET_ITEM(res, 0);
-            Py_INCREF(key);
-            is_delete = PyObject_IsTrue(PyTuple_GET_ITEM(res, 1));
-            PyObject *ver = PyTuple_GET_ITEM(res, 2);
-            if (ver == Py_None) {
-                version = PyLong_FromLong(-1);
-            } else {
-                version = ver;
-                Py_INCREF(version);
-            }
-            Py_DECREF(res);
-            if (version == NULL || is_delete < 0) { Py_XDECREF(version); Py_DECREF(key); goto done; }
+        } else if (call_odd(odd, raw + vpos, vlen, off, &key, &is_delete, &version) < 0) {
+            goto done;
         }
         if (keys != NULL) {
             int in = PySequence_Contains(keys, key);
@@ -558,24 +565,8 @@ static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
             continue; /* decided by a newer record of this block */
         if (fast && (key = PyUnicode_DecodeUTF8(h.key, h.key_len, NULL)) != NULL) {
             is_delete = h.is_delete;
-        } else {
-            PyErr_Clear();
-            PyObject *v = PyBytes_FromStringAndSize((const char *)raw + vpos, vlen);
-            if (v == NULL) goto done;
-            PyObject *res = PyObject_CallFunction(odd, "OL", v, off);
-            Py_DECREF(v);
-            if (res == NULL) goto done;
-            if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 3) {
-                Py_DECREF(res);
-                PyErr_SetString(PyExc_TypeError, "odd() must return (key, is_delete, version)");
-                goto done;
-            }
-            key = Py_NewRef(PyTuple_GET_ITEM(res, 0));
-            is_delete = PyObject_IsTrue(PyTuple_GET_ITEM(res, 1));
-            PyObject *ver = PyTuple_GET_ITEM(res, 2);
-            version = ver == Py_None ? PyLong_FromLong(-1) : Py_NewRef(ver);
-            Py_DECREF(res);
-            if (version == NULL || is_delete < 0) { Py_XDECREF(version); Py_DECREF(key); goto done; }
+        } else if (call_odd(odd, raw + vpos, vlen, off, &key, &is_delete, &version) < 0) {
+            goto done;
         }
         int seen_key = PyDict_Contains(out, key);
         if (seen_key == 0 && seen != NULL) {
