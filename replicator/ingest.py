@@ -166,6 +166,9 @@ class Ingestor:
         self._committed: dict[TopicPartition, int] = {}
         self._wm_candidates: dict[tuple[str, int], tuple[int, int]] = {}
         self._failure: BaseException | None = None
+        #: ``/readyz``: a member of the group with its assignment in hand (possibly empty: a
+        #: standby when there are more instances than partitions). False before the first
+        #: assignment, from a revocation until the next assignment, and after stop.
         self.ready = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -256,12 +259,23 @@ class Ingestor:
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
         tps = [(tp.topic, tp.partition) for tp in revoked]
         log.info("partitions revoked", extra={"partitions": tps})
+        self.ready = False  # a rebalance is under way: until the next assignment
         await self.spool.flush()
         consumer = self._consumer
         if consumer is not None:
             with contextlib.suppress(KafkaError):
                 await self._commit(consumer, force=True, logs=None)
         await self.spool.release(tps)
+
+    @property
+    def healthy(self) -> bool:
+        """``/healthz``: neither local durability nor a rebalance has failed."""
+        return self.spool.failure is None and self._failure is None
+
+    @property
+    def serving(self) -> bool:
+        """``/readyz``: :attr:`ready` (assignment in hand) and :attr:`healthy`."""
+        return self.ready and self.healthy
 
     def owns(self, topic: str, partition: int) -> bool:
         """Is ``topic[partition]`` assigned to this instance right now?"""
@@ -274,6 +288,7 @@ class Ingestor:
             return  # stopping: stop() cleared the consumer while a rebalance completed
         log.info("partitions assigned", extra={"partitions": [tuple(tp) for tp in assigned]})
         if not assigned:
+            self.ready = True  # a standby member: nothing to resume
             return
         starts = await consumer.beginning_offsets(assigned)
         for tp in assigned:

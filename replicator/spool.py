@@ -491,6 +491,11 @@ class Spool:
             pool.shutdown(wait=True)
 
     @property
+    def failure(self) -> BaseException | None:
+        """The error that ended local durability (a failed group commit), if any."""
+        return self._failure
+
+    @property
     def stopping(self) -> bool:
         return self._stopping
 

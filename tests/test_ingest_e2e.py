@@ -159,3 +159,41 @@ async def test_idle_partitions_keep_recording_watermarks(kafka_bootstrap: str,
         await task
     entries, problems = await Catalog(store=LocalStore(root=data / "store")).verify()
     assert problems == [] and sum(e.records for e in entries) == 20
+
+
+async def test_readiness_follows_the_assignment_and_a_standby_is_ready(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """/readyz's source: false before the first assignment, true for the owner of the only
+    partition and for the standby that got nothing, false after stop."""
+    topic = unique("attendance")
+    await create_topics(kafka_bootstrap, [topic], partitions=1)
+    group = unique("grp")
+    a = Ingestor(config=make_config(tmp_path / "a", kafka_bootstrap, [topic], group=group))
+    b = Ingestor(config=make_config(tmp_path / "b", kafka_bootstrap, [topic], group=group))
+    assert not a.ready and not a.serving
+    await a.start()
+    run_a = asyncio.create_task(a.run())
+    try:
+        await wait_for(lambda: a.serving, 60, "first instance ready")
+        assert a.healthy
+        await b.start()
+        run_b = asyncio.create_task(b.run())
+        try:
+            def settled() -> bool:
+                owners = [i for i in (a, b) if i.owns(topic, 0)]
+                return len(owners) == 1 and a.serving and b.serving
+            await wait_for(settled, 60, "one owner and one ready standby")
+            standby = b if a.owns(topic, 0) else a
+            assert standby.ready and not standby.spool.logs
+        finally:
+            b.request_stop()
+            await run_b
+            await b.stop()
+        assert not b.ready and not b.serving
+        await wait_for(lambda: a.owns(topic, 0) and a.serving, 60, "survivor owns the partition")
+    finally:
+        a.request_stop()
+        await run_a
+        await a.stop()
+    assert not a.serving

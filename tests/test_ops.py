@@ -4,8 +4,12 @@ including the broker's view of what is not yet durable) and the drill schedule."
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +34,7 @@ from replicator.ops.drill import (
 from replicator.ops.drill_schedule import FIRST_DELAY_S, DrillScheduler, drill_due
 from replicator.ops.status import assess, collect_status, verdict
 from replicator.restore.point import AtTime, Latest
-from tests.helpers import create_topics, publish_demo, unique
+from tests.helpers import REPO_ROOT, create_topics, publish_demo, unique
 from tests.restore_history import History, Oracle, build_history
 from tests.test_restore_cli import cli, write_config
 
@@ -353,3 +357,74 @@ async def test_drill_with_a_relative_data_dir(tmp_path: Path, history: History,
     report = await run_drill(cfg)
     assert report["ok"] is True, report
     assert _scratch_leftovers(tmp_path / "rel" / "data") == []
+
+
+def test_status_shows_window_snapshots_quarantine_and_destinations(
+        tmp_path: Path, history: History) -> None:
+    """Every part of the status document beside the broker's, from a known store: the
+    restorable window per entity, the newest snapshot of each kind, quarantine counts and a
+    destination that lags behind the primary; then ``--watch --json`` keeps refreshing."""
+    store = tmp_path / "store"
+    shutil.copytree(history.store_root, store)
+    dr = tmp_path / "dr"
+    shutil.copytree(history.store_root, dr)
+    newest = sorted((dr / "segments" / "attendance" / "000000").glob("*.seg"))[-1]
+    config = _config(tmp_path, store)
+    config.write_text(config.read_text() + f'\n[[destinations]]\nname = "dr"\nurl = "{dr}"\n')
+    # a destination that lost one segment is behind the primary
+    newest.unlink()
+    qdir = tmp_path / "data" / "quarantine"
+    qdir.mkdir(parents=True)
+    (qdir / "participant.jsonl").write_bytes(b'{"offset": 1}\n{"offset": 7}\n')
+    res = cli(config, "compact", "--kind", "full", "--json")
+    assert res.returncode == 0, res.stderr
+    res = cli(config, "status", "--no-broker", "--json")
+    assert res.returncode in (10, 11), res.stderr
+    doc = orjson.loads(res.stdout)
+    oracle_events = {e: sum(1 for ev in history.events if ev.topic == e)
+                     for e in ("attendance", "participant", "config")}
+    windows = {w["entity"]: w for w in doc["restorable"]}
+    assert set(windows) == set(oracle_events)
+    for e, w in windows.items():
+        assert w["events"] == oracle_events[e]
+        assert w["newest_ms"] == history.newest_ms
+        assert w["oldest_ms"] is not None and w["oldest_ms"] <= w["newest_ms"]
+        assert w["holes"] == []
+    assert set(doc["snapshots"]) == {"full"}
+    assert doc["snapshots"]["full"]["time_ms"] <= history.newest_ms
+    assert doc["quarantine"] == {"attendance": 0, "participant": 2, "config": 0}
+    rows = {d["name"]: d for d in doc["destinations"]}
+    assert set(rows) == {"primary", "dr"} and rows["dr"]["up"] is True
+    assert rows["primary"]["rpo_s"] is not None
+    assert rows["dr"]["rpo_s"] is not None and rows["dr"]["rpo_s"] >= rows["primary"]["rpo_s"]
+    assert rows["primary"]["backlog_objects"] == 0
+    assert rows["dr"]["backlog_objects"] >= 2  # the lost segment and the new snapshot
+    assert rows["dr"]["behind_offsets"]  # the partition whose newest segment it lost
+    assert doc["store"]["up"] is True
+    # --watch: a fresh document per refresh until interrupted
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "replicator", "--config", str(config), "status", "--no-broker",
+         "--watch", "--json", "--interval", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    try:
+        docs: list[Any] = []
+        buf = ""
+        deadline = time.monotonic() + 60
+        dec = json.JSONDecoder()
+        while len(docs) < 3 and time.monotonic() < deadline:
+            line = proc.stdout.readline() if proc.stdout else ""
+            if not line:
+                break
+            buf += line
+            try:
+                obj, _ = dec.raw_decode(buf.strip())
+            except json.JSONDecodeError:
+                continue
+            docs.append(obj)
+            buf = ""
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert len(docs) == 3, proc.stderr.read() if proc.stderr else ""
+    assert len({d["time"] for d in docs}) == 3  # three refreshes, not one document repeated
+    assert all(d["quarantine"]["participant"] == 2 for d in docs)
