@@ -205,8 +205,19 @@ async def _topics(bootstrap: str, tag: str) -> dict[str, str]:
     return names
 
 
+def _measured(acks: list[tuple[int, int, int, int, float]], warmup: float
+              ) -> list[tuple[int, int, int, int, float]]:
+    """The acks after the warm-up: the first ``warmup`` seconds of publishing (a broker's
+    JIT, first fetches and allocations) are published and consumed but not measured."""
+    if not acks or warmup <= 0:
+        return acks
+    start = min(a[4] for a in acks) + warmup
+    return [a for a in acks if a[4] >= start]
+
+
 async def baseline_run(
     bootstrap: str, workdir: Path, *, rate: float, seconds: float, events_n: int, seed: int,
+    warmup: float = 0.0,
 ) -> dict[str, Any]:
     """The same publisher, read by a bare aiokafka consume loop (read_committed, the
     replicator's fetch settings, no processing): the latency floor this machine gives for
@@ -243,7 +254,7 @@ async def baseline_run(
                 raise RuntimeError("baseline consumer did not get its partitions")
             await consumer.getmany(timeout_ms=100)
         pub_task = asyncio.create_task(_publish_process(
-            bootstrap, workdir, names, rate=rate, seconds=seconds, events_n=events_n,
+            bootstrap, workdir, names, rate=rate, seconds=seconds + warmup, events_n=events_n,
             seed=seed, tag="base"))
         while not pub_task.done():
             await fetch()
@@ -257,7 +268,7 @@ async def baseline_run(
     finally:
         await consumer.stop()
     lat: list[float] = []
-    for ti, p, base, n, t_ack in acks:
+    for ti, p, base, n, t_ack in _measured(acks, warmup):
         tp = (topic_of[ti], p)
         lat.extend(max(0.0, _when(fetched, tp, off) - t_ack) * 1000
                    for off in range(base, base + n))
@@ -265,6 +276,7 @@ async def baseline_run(
     return {
         "rate_achieved": pub["achieved_rate"],
         "events": pub["sent"],
+        "measured_events": len(lat),
         "fetch_p50_ms": round(_percentile(lat, 50), 1),
         "fetch_p99_ms": round(_percentile(lat, 99), 1),
         "fetch_max_ms": round(lat[-1], 1) if lat else None,
@@ -273,7 +285,7 @@ async def baseline_run(
 
 async def replicator_run(
     bootstrap: str, workdir: Path, *, rate: float, seconds: float, events_n: int, seed: int,
-    log: Any = print,
+    warmup: float = 0.0, log: Any = print,
 ) -> dict[str, Any]:
     from replicator.ingest import Ingestor
     from replicator.spool import PartitionLog
@@ -311,9 +323,10 @@ async def replicator_run(
                 raise RuntimeError("replicator did not get its partitions")
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # settle: first fetches in flight
-        log(f"rpo: publishing {rate:,.0f} events/s for {seconds:.0f}s to the replicator")
+        log(f"rpo: publishing {rate:,.0f} events/s for {warmup:.0f}s + {seconds:.0f}s "
+            "to the replicator")
         pub, topic_of, acks = await _publish_process(
-            bootstrap, workdir, names, rate=rate, seconds=seconds, events_n=events_n,
+            bootstrap, workdir, names, rate=rate, seconds=seconds + warmup, events_n=events_n,
             seed=seed, tag="repl")
         need = _ends(topic_of, acks)
         deadline = time.monotonic() + 60
@@ -335,7 +348,7 @@ async def replicator_run(
     to_fetch: list[float] = []  # ack -> handed to the replicator by the client
     to_durable: list[float] = []  # handed over -> fsync'd
     before_ack = 0
-    for ti, p, base, n, t_ack in acks:
+    for ti, p, base, n, t_ack in _measured(acks, warmup):
         tp = (topic_of[ti], p)
         for off in range(base, base + n):
             t_dur = _when(durable, tp, off)
@@ -358,6 +371,8 @@ async def replicator_run(
         "publish_seconds": pub["publish_seconds"],
         "events": pub["sent"],
         "acked": pub["acked"],
+        "warmup_s": warmup,
+        "measured_events": len(lat),
         "publish_errors": pub["errors"],
         "rpo_p50_ms": round(_percentile(lat, 50), 1),
         "rpo_p90_ms": round(_percentile(lat, 90), 1),
@@ -379,14 +394,15 @@ async def replicator_run(
 
 async def rpo_section(
     bootstrap: str, workdir: Path, *, rate: float, seconds: float, events_n: int, seed: int,
-    log: Any = print,
+    warmup: float = 0.0, log: Any = print,
 ) -> dict[str, Any]:
     """The replicator run, then the bare-consumer baseline with the same publisher."""
     out = await replicator_run(bootstrap, workdir, rate=rate, seconds=seconds,
-                               events_n=events_n, seed=seed, log=log)
-    log(f"rpo: publishing {rate:,.0f} events/s for {seconds:.0f}s to a bare consumer")
+                               events_n=events_n, seed=seed, warmup=warmup, log=log)
+    log(f"rpo: publishing {rate:,.0f} events/s for {warmup:.0f}s + {seconds:.0f}s to a bare "
+        "consumer")
     base = await baseline_run(bootstrap, workdir, rate=rate, seconds=seconds,
-                              events_n=events_n, seed=seed)
+                              events_n=events_n, seed=seed, warmup=warmup)
     out["baseline"] = base
     out["baseline_note"] = ("bare aiokafka consumer, same publisher, fetch settings and "
                             "machine: ack -> records returned by getmany")
@@ -403,6 +419,7 @@ def section_main(argv: list[str]) -> int:
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--events", type=int, required=True)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--warmup", type=float, default=0.0)
     args = p.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -410,7 +427,7 @@ def section_main(argv: list[str]) -> int:
 
     out = asyncio.run(rpo_section(args.bootstrap, Path(args.workdir), rate=args.rate,
                                   seconds=args.seconds, events_n=args.events, seed=args.seed,
-                                  log=log))
+                                  warmup=args.warmup, log=log))
     print(json.dumps(out), flush=True)
     return 0
 
