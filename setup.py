@@ -1,7 +1,6 @@
-"""Build of the optional native restore code (``replicator.restore._fold``, ``_rows`` and
-``replicator.targets._sqlbulk``); everything else is declared in pyproject.toml.
-``optional=True``: without a C compiler (or, for ``_sqlbulk``, SQLite's headers) the install
-still succeeds and the pure-Python references are used (slower restores and compactions)."""
+"""Build of the optional native restore code (``replicator.restore._fold``, ``_rows``); everything else is
+declared in pyproject.toml. ``optional=True``: without a C compiler the install still
+succeeds and the pure-Python reference fold is used (slower restores and compactions)."""
 
 from setuptools import Extension, setup
 
@@ -16,13 +15,6 @@ setup(
         Extension(
             "replicator.restore._rows",
             sources=["replicator/restore/_rows.c"],
-            extra_compile_args=["-O2"],
-            optional=True,
-        ),
-        Extension(
-            "replicator.targets._sqlbulk",
-            sources=["replicator/targets/_sqlbulk.c"],
-            libraries=["sqlite3"],
             extra_compile_args=["-O2"],
             optional=True,
         ),

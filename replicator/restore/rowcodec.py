@@ -15,7 +15,6 @@ oracle. ``REPLICATOR_NO_NATIVE=1`` forces the reference.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -145,18 +144,8 @@ class RowCodec:
     def rows(self, plan: RestorePlan, changes: dict[str, Change], digest: DigestBuilder,
              progress: Callable[[int], None] | None = None) -> Iterator[tuple[Any, ...]]:
         """The target rows of the live keys in key order; feeds ``digest``."""
-        for chunk in self.row_chunks(plan, changes, digest, progress):
-            yield from chunk
-
-    def row_chunks(self, plan: RestorePlan, changes: dict[str, Change],
-                   digest: DigestBuilder, progress: Callable[[int], None] | None = None
-                   ) -> Iterator[list[tuple[Any, ...]]]:
-        """:meth:`rows` in lists of up to ``CHUNK`` rows (key order across and within
-        them); ``digest`` has taken a chunk's rows when the chunk is yielded."""
         if self.native is None:
-            it = self._rows(event_rows(self.layout, plan, changes, digest, progress))
-            while chunk := list(itertools.islice(it, CHUNK)):
-                yield chunk
+            yield from self._rows(event_rows(self.layout, plan, changes, digest, progress))
             return
         keys = sorted(changes)
         parts = [(p.topic, p.partition) for p in plan.partitions]
@@ -166,8 +155,7 @@ class RowCodec:
             rows, n, hi, lo = encode(self._names, self._kinds, tcode, keys[i : i + CHUNK],
                                      changes, parts, self._helpers)
             digest.add_sum(n, (hi << 64) | lo)
-            if rows:
-                yield rows
+            yield from rows
             if progress is not None and n:
                 progress(n)
 

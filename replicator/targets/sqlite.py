@@ -34,7 +34,7 @@ from replicator.restore.layout import (
     ts_text,
 )
 from replicator.storage.local import fsync_dir
-from replicator.targets import scratch, sqlite_load
+from replicator.targets import scratch
 from replicator.targets.base import RestoreRecord, RowIn
 
 if TYPE_CHECKING:
@@ -163,31 +163,8 @@ class SqliteTarget:
     async def write_codec(self, codec: RowCodec, plan: RestorePlan, changes: dict[str, Change],
                           digest: DigestBuilder, progress: Callable[[int], None] | None = None
                           ) -> int:
-        """Load one entity's live changes, converted by ``codec`` (in a worker thread; with
-        the native loader the inserts run beside it on a second thread, see
-        :mod:`replicator.targets.sqlite_load`)."""
-        if sqlite_load.native is None:
-            return await self.write_rows(codec.layout,
-                                         codec.rows(plan, changes, digest, progress))
-        return await asyncio.to_thread(self._load_native_sync, codec.layout,
-                                       codec.row_chunks(plan, changes, digest, progress))
-
-    def _load_native_sync(self, layout: TableLayout,
-                          chunks: Iterable[list[tuple[Any, ...]]]) -> int:
-        conn = self._c()
-        if conn.in_transaction:  # journal off: no rollback to keep; the loader needs the
-            conn.execute("COMMIT")  # write lock, this connection must hold none
-        try:
-            return sqlite_load.load_native(
-                self._tmp, create_sql=create_table_sql(layout, rowid=self.rowid_tables),
-                insert_sql=self._insert_sql(layout), chunks=chunks, location=self.location)
-        finally:
-            conn.execute("BEGIN")
-
-    @staticmethod
-    def _insert_sql(layout: TableLayout) -> str:
-        marks = ", ".join("?" * len(layout.columns))
-        return f"INSERT INTO {_q(layout.entity)} VALUES ({marks})"
+        """Load one entity's live changes, converted by ``codec`` (in the worker thread)."""
+        return await self.write_rows(codec.layout, codec.rows(plan, changes, digest, progress))
 
     async def write_rows(self, layout: TableLayout, rows: Iterable[tuple[Any, ...]]) -> int:
         """Create the entity's table and insert ``rows`` (already in the table's column
@@ -197,7 +174,8 @@ class SqliteTarget:
     def _write_sync(self, layout: TableLayout, rows: Iterable[tuple[Any, ...]]) -> int:
         conn = self._c()
         conn.execute(create_table_sql(layout, rowid=self.rowid_tables))
-        cur = conn.executemany(self._insert_sql(layout), rows)
+        marks = ", ".join("?" * len(layout.columns))
+        cur = conn.executemany(f"INSERT INTO {_q(layout.entity)} VALUES ({marks})", rows)
         return cur.rowcount
 
     async def read_digest(self, layout: TableLayout) -> StateDigest:
