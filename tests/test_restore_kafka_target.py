@@ -26,48 +26,43 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> History:
 
 async def _consume(bootstrap: str, topic: str, partitions: int = 3,
                    expect: int | None = None) -> list[Any]:
-    """Every committed record of ``topic``.
+    """Every committed record of ``topic``: each partition read to its last stable offset
+    (``end_offsets`` under read_committed), one partition at a time, as the target's own
+    read-back does.
 
-    With ``expect``: polling until that many arrived, then one more second for any extra
-    record (the caller asserts the exact count). A fresh consumer on a just-created topic
-    was seen in CI to get nothing at all for 60 s after a NotLeaderForPartition answer
-    (aiokafka's offset reset), though the data was committed and visible; so a round that
-    gets nothing for 15 s is retried with a new consumer, up to 4 rounds."""
+    CI saw a fresh consumer that polled all partitions at once, without asking for end
+    offsets first, get nothing for 60 s after a NotLeaderForPartition answer, though the
+    data was committed and visible. Asking for the end offsets first makes the client look
+    the leaders up; and a round that stalls for 15 s is retried with a new consumer (up to
+    4 rounds when ``expect`` says how many records there must be)."""
     out: list[Any] = []
     for _round in range(4 if expect is not None else 1):
-        out = await _consume_round(bootstrap, topic, partitions, expect)
+        out = await _consume_round(bootstrap, topic, partitions)
         if expect is None or len(out) >= expect:
             return out
     return out
 
 
-async def _consume_round(bootstrap: str, topic: str, partitions: int,
-                         expect: int | None) -> list[Any]:
+async def _consume_round(bootstrap: str, topic: str, partitions: int) -> list[Any]:
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                          isolation_level="read_committed", auto_offset_reset="earliest")
     await c.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
         c.assign(tps)
-        for tp in tps:
-            c.seek(tp, 0)
+        ends = await c.end_offsets(tps)
         out: list[Any] = []
         loop = asyncio.get_running_loop()
-        if expect is None:
-            ends = await c.end_offsets(tps)
-            while [tp for tp in tps if await c.position(tp) < ends[tp]]:
-                for msgs in (await c.getmany(timeout_ms=1000)).values():
-                    out.extend(msgs)
-            return out
-        last = loop.time()
-        while len(out) < expect and loop.time() - last < 15:
-            for msgs in (await c.getmany(timeout_ms=500)).values():
-                out.extend(msgs)
-                last = loop.time()
-        extra_until = loop.time() + 1
-        while len(out) >= expect and loop.time() < extra_until:
-            for msgs in (await c.getmany(timeout_ms=200)).values():
-                out.extend(msgs)
+        for tp in tps:
+            c.seek(tp, 0)
+            last = loop.time()
+            while await c.position(tp) < ends[tp]:
+                msgs = (await c.getmany(tp, timeout_ms=500)).get(tp, [])
+                if msgs:
+                    last = loop.time()
+                elif loop.time() - last > 15:
+                    return out  # stalled: the caller retries with a new consumer
+                out.extend(m for m in msgs if m.offset < ends[tp])
         return out
     finally:
         await _stop(c)
