@@ -34,7 +34,9 @@ def test_native_fold_is_built_in_ci() -> None:
 needs_native = pytest.mark.skipif(native_fold_block is None and os.environ.get("CI") != "true",
                                   reason="native fold not built (no C compiler)")
 
-_KEYS = ["a", "k-1", "k-2", "ключ", "k\"q", "k\\b", "日本", "x" * 40, "k\u2028", "k\n"]
+_KEYS = ["a", "k-1", "k-2", "ключ", "k\"q", "k\\b", "日本", "x" * 40, "k\u2028", "k\n",
+         # around the decided-key set's inline limit (16 bytes of UTF-8)
+         "p" * 16, "p" * 17, "p" * 15 + "é", "s" * 16 + "t"]
 
 
 def _value(rng: random.Random, key: str) -> bytes:
@@ -206,3 +208,64 @@ def test_newest_first_reaches_the_same_state(seed: int) -> None:
             got, n = _run_latest(native_fold_block_latest, blocks, new_keyset(), **kw)
             assert got == want, kw
             assert n == sum(r[0] for r in results), kw
+
+
+def test_decided_key_set_across_growth_and_key_lengths() -> None:
+    """Enough distinct keys to grow the native set several times, of lengths on both sides
+    of its inline limit and sharing long prefixes: the newest-first fold with the set still
+    equals the forward reference."""
+    from replicator.restore.foldblock import native_fold_block_latest, new_keyset
+
+    if native_fold_block_latest is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("replicator.restore._fold was not built")
+        pytest.skip("native fold not built")
+    rng = random.Random(7)
+    keys = [f"{'k' * rng.choice([1, 8, 14, 15, 16, 17, 30])}-{i}" for i in range(40_000)]
+    blocks, off = [], 0
+    for _ in range(6):
+        parts = []
+        for _ in range(20_000):
+            off += 1
+            key = rng.choice(keys)
+            parts.append(encode_record(off, 1000 + off % 500, 0, key.encode(),
+                                       _value(rng, key), [("entity", b"t")]))
+        blocks.append(b"".join(parts))
+    want, _ = _run(fold_block_py, blocks)
+    got, n = _run_latest(native_fold_block_latest, blocks, new_keyset())
+    assert len(want) > 30_000
+    assert got == want
+    assert n == 6 * 20_000
+
+
+def test_decided_key_set_tells_colliding_keys_apart() -> None:
+    """With the set's hashes narrowed to 6 bits nearly every key collides: only the byte
+    comparison (inline up to 16 bytes, in the arena beyond) separates them."""
+    from replicator.restore.foldblock import native_fold_block_latest, new_keyset
+
+    if native_fold_block_latest is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("replicator.restore._fold was not built")
+        pytest.skip("native fold not built")
+    from replicator.restore import _fold  # type: ignore[attr-defined]
+
+    rng = random.Random(8)
+    # same lengths, differing only in their last bytes, around the inline limit
+    keys = [f"{'k' * w}{i:04d}" for w in (4, 11, 12, 13, 30) for i in range(400)]
+    blocks, off = [], 0
+    for _ in range(3):
+        parts = []
+        for _ in range(4000):
+            off += 1
+            key = rng.choice(keys)
+            parts.append(encode_record(off, 1000 + off % 500, 0, key.encode(),
+                                       _value(rng, key), [("entity", b"t")]))
+        blocks.append(b"".join(parts))
+    want, _ = _run(fold_block_py, blocks)
+    _fold.set_keyset_hash_bits(6)
+    try:
+        got, _ = _run_latest(native_fold_block_latest, blocks, new_keyset())
+    finally:
+        _fold.set_keyset_hash_bits(64)
+    assert len(want) > 1500
+    assert got == want

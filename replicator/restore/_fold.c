@@ -351,14 +351,22 @@ done:
 
 /* -- KeySet: the keys a newest-first fold has decided ----------------------------------
  *
- * An open-addressing set of key bytes (64-bit FNV-1a hashes, the bytes in an arena). A
- * newest-first fold meets most records for a key it has already decided; looking the raw
- * bytes up here costs no str, no Python hash and no dict probe. Held in a capsule. */
+ * An open-addressing set of key bytes (64-bit FNV-1a hashes). A newest-first fold meets
+ * most records for a key it has already decided; looking the raw bytes up here costs no
+ * str, no Python hash and no dict probe. Keys of up to KS_INLINE bytes live in their
+ * 32-byte slot, so a lookup touches one cache line of a table far larger than the caches;
+ * longer keys are in an arena. Held in a capsule. */
+
+#define KS_INLINE 16
 
 typedef struct {
     uint64_t hash; /* 0: empty slot */
-    uint64_t off;  /* key bytes in the arena */
-    uint64_t len;
+    uint32_t len;
+    uint32_t pad;
+    union {
+        char bytes[KS_INLINE]; /* len <= KS_INLINE */
+        uint64_t off;          /* else: the key bytes in the arena */
+    } u;
 } ks_slot;
 
 typedef struct {
@@ -387,35 +395,66 @@ static PyObject *keyset_new(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args)
     return c;
 }
 
+/* tests narrow the hashes (set_keyset_hash_bits) so that different keys collide and the
+ * byte comparison, inline and in the arena, is what tells them apart */
+static uint64_t ks_hash_mask = ~0ULL;
+
 static inline uint64_t ks_hash(const char *p, Py_ssize_t n) {
     uint64_t h = 0xcbf29ce484222325ULL;
     for (Py_ssize_t i = 0; i < n; i++) { h ^= (unsigned char)p[i]; h *= 0x100000001b3ULL; }
+    h &= ks_hash_mask;
     return h ? h : 1;
+}
+
+static PyObject *set_keyset_hash_bits(PyObject *Py_UNUSED(self), PyObject *arg) {
+    long bits = PyLong_AsLong(arg);
+    if (bits == -1 && PyErr_Occurred()) return NULL;
+    if (bits < 1 || bits > 64) {
+        PyErr_SetString(PyExc_ValueError, "bits: 1..64");
+        return NULL;
+    }
+    ks_hash_mask = bits == 64 ? ~0ULL : ((1ULL << bits) - 1);
+    Py_RETURN_NONE;
+}
+
+static inline const char *ks_bytes(const keyset_t *k, const ks_slot *s) {
+    return s->len <= KS_INLINE ? s->u.bytes : k->arena + s->u.off;
 }
 
 /* 1 if present; 0 if absent (and then added when `add`); -1 on memory error */
 static int ks_lookup(keyset_t *k, const char *p, Py_ssize_t n, int add) {
+    if ((uint64_t)n > UINT32_MAX) { /* never for a framed record; no GIL needed when !add */
+        if (!add) return 0;
+        PyErr_SetString(PyExc_OverflowError, "key too long");
+        return -1;
+    }
     uint64_t h = ks_hash(p, n);
     size_t mask = k->cap - 1, i = (size_t)h & mask;
     for (;;) {
         ks_slot *s = &k->slots[i];
         if (s->hash == 0) break;
-        if (s->hash == h && s->len == (uint64_t)n && memcmp(k->arena + s->off, p, n) == 0)
+        if (s->hash == h && s->len == (uint32_t)n && memcmp(ks_bytes(k, s), p, n) == 0)
             return 1;
         i = (i + 1) & mask;
     }
     if (!add) return 0;
-    if (k->used + (size_t)n > k->room) {
-        size_t room = k->room ? k->room : 1 << 20;
-        while (room < k->used + (size_t)n) room *= 2;
-        char *a = PyMem_Realloc(k->arena, room);
-        if (a == NULL) { PyErr_NoMemory(); return -1; }
-        k->arena = a;
-        k->room = room;
+    ks_slot slot = {.hash = h, .len = (uint32_t)n};
+    if (n <= KS_INLINE) {
+        memcpy(slot.u.bytes, p, n);
+    } else {
+        if (k->used + (size_t)n > k->room) {
+            size_t room = k->room ? k->room : 1 << 20;
+            while (room < k->used + (size_t)n) room *= 2;
+            char *a = PyMem_Realloc(k->arena, room);
+            if (a == NULL) { PyErr_NoMemory(); return -1; }
+            k->arena = a;
+            k->room = room;
+        }
+        memcpy(k->arena + k->used, p, n);
+        slot.u.off = k->used;
+        k->used += n;
     }
-    memcpy(k->arena + k->used, p, n);
-    k->slots[i] = (ks_slot){h, k->used, (uint64_t)n};
-    k->used += n;
+    k->slots[i] = slot;
     if (++k->n * 2 > k->cap) { /* keep the load under 1/2 */
         size_t cap = k->cap * 2;
         ks_slot *ns = PyMem_Calloc(cap, sizeof(ks_slot));
@@ -645,6 +684,8 @@ static PyMethodDef methods[] = {
      "last_hcount, odd) -> (n, status, stopped, last_hdr, last_hcount); see foldblock.py"},
     {"keyset", keyset_new, METH_NOARGS,
      "keyset() -> a capsule for fold_block_latest's `seen` argument"},
+    {"set_keyset_hash_bits", set_keyset_hash_bits, METH_O,
+     "tests only: keep this many bits of the key hashes (64: all), to force collisions"},
     {"fold_block_latest", fold_block_latest, METH_VARARGS,
      "fold_block_latest(raw, lo, hi, cut_ms, rank, out, keys, keep_record, odd) -> n; "
      "see foldblock.py"},
