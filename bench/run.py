@@ -22,15 +22,15 @@ Sections (see the modules for the exact method):
   bytes on disk / raw JSON value bytes.
 * ``rpo`` (bench/rpo.py): publish-ack -> durable latency at a steady rate, publisher in a
   separate process, after a warm-up (``--rpo-warmup``, 5 s).
-
-A local broker keeps its logs on tmpfs when there is room (``--broker-on-disk`` to keep them
-on the replicator's disk): see :func:`broker_workdir` for why.
 * ``compaction`` (bench/compaction_bench.py): a full snapshot from segments vs just reading
   them, its peak RSS, and restore time from a snapshot at 1x/3x/10x history (no Kafka).
 * ``replicas`` (bench/replicas_bench.py): ``S3Store.put_file`` vs a bare multipart upload with
   the same client on a local versitygw (``s3_upload_ratio``), and follow-mode lag (block
   durable in a ``replicator run`` child -> committed by a follower process into SQLite) at a
   steady 10k events/s.
+
+A local broker keeps its logs on tmpfs when there is room (``--broker-on-disk`` to keep them
+on the replicator's disk): see :func:`broker_workdir` for why.
 
 Every measured phase runs in a fresh process (a consumer's GC cost depends on what else is
 on its heap). Takes ~2.5 min with cached events; the first run also generates the events
@@ -418,7 +418,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     }
     workdir = Path(tempfile.mkdtemp(prefix="replicator-bench-"))
     stop_broker = None
-    broker_dir = None
+    broker_dir: Path | None = None  # a local broker's state, when this run starts one
+    where = ""
     try:
         if "restore" in sections:
             results["sections"]["restore"] = restore_subprocess(workdir, args)
@@ -432,7 +433,6 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             return results
         bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
         local = not bootstrap
-        broker_dir: Path | None = None
         if local:
             from tests.kafka_service import start_local_broker
 
@@ -443,7 +443,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             stop_broker = broker.stop
         results["kafka"] = {"bootstrap": bootstrap, "local_broker": local,
                             "version": kafka_version(local),
-                            "broker_logs": None if broker_dir is None else where}
+                            "broker_logs": where or None}
         # the events are generated (or loaded from bench/.cache) once, here, for both sections
         args.pool = max(args.events, int(args.rpo_rate * (args.rpo_seconds + args.rpo_warmup)),
                         int(args.replicas_rate * args.replicas_seconds))

@@ -210,27 +210,32 @@ def test_newest_first_reaches_the_same_state(seed: int) -> None:
             assert n == sum(r[0] for r in results), kw
 
 
+def _keyed_blocks(rng: random.Random, keys: list[str], count: int, per_block: int
+                  ) -> list[bytes]:
+    """``count`` blocks of ``per_block`` records, each a change of a key drawn from
+    ``keys``, offsets consecutive from 1."""
+    blocks, off = [], 0
+    for _ in range(count):
+        parts = []
+        for _ in range(per_block):
+            off += 1
+            key = rng.choice(keys)
+            parts.append(encode_record(off, 1000 + off % 500, 0, key.encode(),
+                                       _value(rng, key), [("entity", b"t")]))
+        blocks.append(b"".join(parts))
+    return blocks
+
+
+@needs_native
 def test_decided_key_set_across_growth_and_key_lengths() -> None:
     """Enough distinct keys to grow the native set several times, of lengths on both sides
     of its inline limit and sharing long prefixes: the newest-first fold with the set still
     equals the forward reference."""
     from replicator.restore.foldblock import native_fold_block_latest, new_keyset
 
-    if native_fold_block_latest is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError("replicator.restore._fold was not built")
-        pytest.skip("native fold not built")
     rng = random.Random(7)
     keys = [f"{'k' * rng.choice([1, 8, 14, 15, 16, 17, 30])}-{i}" for i in range(40_000)]
-    blocks, off = [], 0
-    for _ in range(6):
-        parts = []
-        for _ in range(20_000):
-            off += 1
-            key = rng.choice(keys)
-            parts.append(encode_record(off, 1000 + off % 500, 0, key.encode(),
-                                       _value(rng, key), [("entity", b"t")]))
-        blocks.append(b"".join(parts))
+    blocks = _keyed_blocks(rng, keys, 6, 20_000)
     want, _ = _run(fold_block_py, blocks)
     got, n = _run_latest(native_fold_block_latest, blocks, new_keyset())
     assert len(want) > 30_000
@@ -238,29 +243,17 @@ def test_decided_key_set_across_growth_and_key_lengths() -> None:
     assert n == 6 * 20_000
 
 
+@needs_native
 def test_decided_key_set_tells_colliding_keys_apart() -> None:
     """With the set's hashes narrowed to 6 bits nearly every key collides: only the byte
     comparison (inline up to 16 bytes, in the arena beyond) separates them."""
-    from replicator.restore.foldblock import native_fold_block_latest, new_keyset
-
-    if native_fold_block_latest is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError("replicator.restore._fold was not built")
-        pytest.skip("native fold not built")
     from replicator.restore import _fold  # type: ignore[attr-defined]
+    from replicator.restore.foldblock import native_fold_block_latest, new_keyset
 
     rng = random.Random(8)
     # same lengths, differing only in their last bytes, around the inline limit
     keys = [f"{'k' * w}{i:04d}" for w in (4, 11, 12, 13, 30) for i in range(400)]
-    blocks, off = [], 0
-    for _ in range(3):
-        parts = []
-        for _ in range(4000):
-            off += 1
-            key = rng.choice(keys)
-            parts.append(encode_record(off, 1000 + off % 500, 0, key.encode(),
-                                       _value(rng, key), [("entity", b"t")]))
-        blocks.append(b"".join(parts))
+    blocks = _keyed_blocks(rng, keys, 3, 4000)
     want, _ = _run(fold_block_py, blocks)
     _fold.set_keyset_hash_bits(6)
     try:
