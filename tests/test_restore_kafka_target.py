@@ -33,14 +33,19 @@ async def _consume(bootstrap: str, topic: str, partitions: int = 3,
     CI saw a fresh consumer that polled all partitions at once, without asking for end
     offsets first, get nothing for 60 s after a NotLeaderForPartition answer, though the
     data was committed and visible. Asking for the end offsets first makes the client look
-    the leaders up; and a round that stalls for 15 s is retried with a new consumer (up to
-    4 rounds when ``expect`` says how many records there must be)."""
+    the leaders up. A fresh consumer's end offsets were also seen to answer 0 for a while
+    (next to a NotLeaderForPartition on the restores topic). So when ``expect`` says how
+    many records there must be, a short round (a stall of 15 s, or end offsets short of
+    them) is retried with a new consumer, a second apart, for up to 90 s."""
     out: list[Any] = []
-    for _round in range(4 if expect is not None else 1):
+    deadline = asyncio.get_running_loop().time() + 90
+    while True:
         out = await _consume_round(bootstrap, topic, partitions)
         if expect is None or len(out) >= expect:
             return out
-    return out
+        if asyncio.get_running_loop().time() > deadline:
+            return out
+        await asyncio.sleep(1)
 
 
 async def _consume_round(bootstrap: str, topic: str, partitions: int) -> list[Any]:
