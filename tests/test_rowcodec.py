@@ -252,3 +252,130 @@ def test_pg_binary_read_back_digest_in_any_chunking() -> None:
     asyncio.run(sink.feed(data[:-2]))
     with pytest.raises(ValueError, match="ended before its trailer"):
         sink.finish()
+
+
+# -- the raw JSON path (event bytes scanned natively) against the orjson path and the
+# reference, on event texts written by hand: whitespace, escapes, duplicate names, odd
+# numbers, bad UTF-8 -- everything the scanner must either take with orjson's meaning or
+# hand back.
+
+_HOSTILE_DATA = [
+    '{"name":"a","n":1}',
+    '{ "name" : "a" , "n" : 1 , "x" : 2.5 }',
+    '{"name":"a","name":"b","n":1,"n":null}',  # duplicates: the last wins
+    '{"name":"x\\"y","n":2}', '{"name":"tab\\tbar"}', '{"name":"\\u00fc"}',
+    '{"n\\u0061me":"escaped name"}',
+    '{"n":-0}', '{"n":1E2}', '{"n":1.0}', '{"n":123456789012345678}',
+    '{"n":1234567890123456789}', '{"n":12345678901234567890123}', '{"n":-9223372036854775808}',
+    '{"x":-0}', '{"x":-0.0}', '{"x":1.50}', '{"x":0.00001}', '{"x":1e-7}', '{"x":1e400}',
+    '{"x":3}', '{"x":1e16}', '{"x":0.1}', '{"x":123456789.12345678}',
+    '{"ok":true}', '{"ok":1}', '{"ok":"true"}',
+    '{"at":"2026-01-02T03:04:05.123Z"}', '{"at":"2026-02-30T03:04:05Z"}', '{"at":5}',
+    '{"doc":{"b":1,"a":2}}', '{"doc":{"a":1,"b":[1,2.5,{"c":null}]}}', '{"doc":{"a":1,"a":2}}',
+    '{"doc":{"a":0.00001}}', '{"doc":{"a":1.50}}', '{"doc":{"a":-0}}', '{"doc":[]}',
+    '{"doc":{ "a" : [ 1 , 2 ] }}', '{"doc":"str"}', '{"doc":{"k":"\\n"}}', '{"doc":1e2}',
+    '{"doc":{"é":1,"z":2}}', '{"doc":{"z":1,"é":2}}', '{"doc":[[[[[[[[[[[[1]]]]]]]]]]]]}',
+    '{"name":"日本","extra":{"deep":[1,{"x":"y"}]}}', '{"extra":"\\ud83d\\ude00"}',
+    '{"name":"a","extra":[1,]}', '{"name":"a",}', 'null', '[]', '""', '0', 'false', '[1]',
+    '"x"', '{}',
+]
+_HOSTILE_EVENTS = [
+    *(('{"key":"k","ts":"2026-01-02T03:04:05Z","version":3,"data":' + d + '}').encode()
+      for d in _HOSTILE_DATA),
+    b'{"data":{"name":"a"},"data":null}', b'{"data":null,"data":{"name":"a"}}',
+    b' \n{"data":{"name":"a"}} \t', b'{"data":{"name":"a"}}x', b'\xef\xbb\xbf{"data":{}}',
+    b'{"version":1.0,"data":{"name":"a"}}', b'{"version":"3","data":{"name":"a"}}',
+    b'{"version":-0,"ts":null,"data":{"name":"a"}}', b'{"ts":5,"data":{"name":"a"}}',
+    b'{"ts":"2026-01-02T05:04:05+02:00","data":{"name":"a"}}',
+    b'{"data":{"name":"\xc3\xbc"}}', b'{"data":{"name":"\xc3"}}', b'{"data":{"name":"\xed\xa0\x80"}}',
+    b'{"data":{"name":"a\x01b"}}', b'{"data":{"extra":"\xff"}}', b'{"data":{"name":"a"}',
+    b'{"d\\u0061ta":{"name":"a"}}', b'{"data":{"name":"a"},"other":[{"deep":{"x":[1,2]}}]}',
+]
+
+
+def _one(target: RowTarget, value: bytes, *, use_native: bool, raw: bool
+         ) -> tuple[Any, ...]:
+    changes = {"k\"ey\n": (-1, 0, 1, 42, value, None, b"")}
+    was = native.set_raw(raw) if native is not None else True
+    try:
+        rows, digest = _encode(target, changes, use_native)
+        return ("ok", rows, [[type(x) for x in r] for r in rows], digest)
+    except Exception as exc:  # the failure must be the same kind on every path
+        return ("error", type(exc))
+    finally:
+        if native is not None:
+            native.set_raw(was)
+
+
+@needs_native
+@pytest.mark.parametrize("target", ["pg", "sqlite"])
+@pytest.mark.parametrize("value", _HOSTILE_EVENTS)
+def test_raw_path_equals_the_orjson_path_and_the_reference(target: RowTarget,
+                                                           value: bytes) -> None:
+    ref = _one(target, value, use_native=False, raw=False)
+    assert _one(target, value, use_native=True, raw=False) == ref
+    assert _one(target, value, use_native=True, raw=True) == ref
+
+
+@needs_native
+def test_raw_path_binary_copy_equals_the_orjson_path() -> None:
+    """PostgreSQL binary COPY data and digests of the raw path equal those of the orjson
+    path, for hostile events that PostgreSQL can hold and for random float literals in a
+    jsonb value (the scanner decides which of them are already canonical)."""
+    rng = random.Random(11)
+    floats = [repr(rng.uniform(-1e3, 1e3)) for _ in range(200)]
+    floats += [f"{rng.uniform(-100, 100):.{rng.randint(0, 17)}f}" for _ in range(200)]
+    floats += [repr(rng.random() * 10 ** rng.randint(-8, 20)) for _ in range(200)]
+    floats += ["0.0", "-0.0", "5.0", "0.0001", "0.00012", "0.00001", "10.10", "1234567890123456.0",
+               "123456789012345.6", "0.1000000000000000055511151231257827"]
+    events = [b'{"data":{"doc":{"a":' + f.encode() + b'},"x":' + f.encode() + b"}}"
+              for f in floats]
+    def pg_takes(value: bytes) -> bool:
+        one = {"k": (-1, 0, 0, 1, value, None, b"")}
+        try:
+            b"".join(RowCodec(LAYOUT, "pg").pg_copy_data(PLAN, one, DigestBuilder("thing")))
+        except Exception:
+            return False
+        return True
+
+    hostile = [v for v in _HOSTILE_EVENTS if pg_takes(v)]
+    assert len(hostile) > 40
+    changes = {f"k{i:04d}": (-1, 0, i % 2, i, v, None, b"")
+               for i, v in enumerate(events + hostile)}
+    outs = []
+    for raw in (False, True):
+        native.set_raw(raw)
+        try:
+            d = DigestBuilder("thing")
+            data = b"".join(RowCodec(LAYOUT, "pg").pg_copy_data(PLAN, changes, d))
+            outs.append((data, str(d.result())))
+        finally:
+            native.set_raw(True)
+    assert outs[0] == outs[1]
+    assert len(outs[0][0]) > 10_000
+
+
+@needs_native
+def test_read_back_digest_of_hostile_stored_values() -> None:
+    """Rows read back from PostgreSQL (binary COPY) with text that needs escaping, jsonb
+    that is not canonical as PostgreSQL writes it, and doubles orjson writes with an
+    exponent digest like the reference does from asyncpg's rows."""
+    import asyncio
+
+    texts = ['plain', 'q"uote', 'back\\slash', 'ctl\x01\x1f\x7f', 'nl\n\t\r\b\f', 'ünï 日本', '']
+    docs = ['{"a": 1, "b": [1, 2.5]}', '{"b": 1, "aa": 2}', '{"a": 1.50}', '{"a": 0.00001}',
+            '[1, {"z": "\\n", "y": null}]', '"s"', '1e2', '{"é": 1, "z": 2}', '{}']
+    doubles = [1e20, 1e-7, -0.0, 0.1, 5.0, 123456789.125, float("inf")]
+    rng = random.Random(4)
+    rows = [(f"k{i}", rng.choice(texts + [None]), None, rng.choice([5, -(2**63), None]),
+             rng.choice(doubles + [None]), rng.choice([True, False]), rng.choice(docs + [None]))
+            for i in range(400)]
+    kinds_layout = SimpleNamespace(columns=[Column("key", "text"), *LAYOUT.data_columns])
+    data = _pg_binary_reference(kinds_layout, rows)  # type: ignore[arg-type]
+    ref = DigestBuilder("thing")
+    RowCodec(LAYOUT, "pg", use_native=False).digest_stored(iter(rows), ref)
+    d = DigestBuilder("thing")
+    sink = RowCodec(LAYOUT, "pg").pg_copy_digest(d)
+    asyncio.run(sink.feed(data))
+    sink.finish()
+    assert d.result() == ref.result()

@@ -19,6 +19,7 @@
 #include <datetime.h>
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 enum { K_TEXT = 0, K_TS = 1, K_BIGINT = 2, K_DOUBLE = 3, K_BOOL = 4, K_JSONB = 5 };
 enum { T_PG = 0, T_SQLITE = 1, T_PGBIN = 2 /* T_PG rows, returned as binary COPY data */ };
@@ -33,6 +34,7 @@ enum {
     H_SLOW_ROW,   /* (key, value, topic, partition, offset) -> (row, canonical tuple) */
     H_STORED,     /* (kind code, value) -> canonical from a stored value (reference) */
     H_DT_MICROS,  /* aware datetime -> microseconds since the epoch (reference) */
+    H_JSONB,      /* JSON text (bytes) -> (orjson.dumps(v), sorted-key dumps(v)) (reference) */
     H_COUNT
 };
 
@@ -68,10 +70,7 @@ static inline int dig(const char *p, int n) {
 }
 
 /* YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z, a valid date and time without a leap second: 1, else 0 */
-static int parse_ts(PyObject *str, tm_t *t) {
-    Py_ssize_t n;
-    const char *p = PyUnicode_AsUTF8AndSize(str, &n);
-    if (p == NULL) { PyErr_Clear(); return 0; }
+static int parse_ts_bytes(const char *p, Py_ssize_t n, tm_t *t) {
     if (n < 20 || p[4] != '-' || p[7] != '-' || p[10] != 'T' || p[13] != ':' ||
         p[16] != ':' || p[n - 1] != 'Z')
         return 0;
@@ -90,6 +89,13 @@ static int parse_ts(PyObject *str, tm_t *t) {
     for (Py_ssize_t i = f; i < 6; i++) v *= 10;
     t->us = v;
     return 1;
+}
+
+static int parse_ts(PyObject *str, tm_t *t) {
+    Py_ssize_t n;
+    const char *p = PyUnicode_AsUTF8AndSize(str, &n);
+    if (p == NULL) { PyErr_Clear(); return 0; }
+    return parse_ts_bytes(p, n, t);
 }
 
 static long long tm_micros(const tm_t *t) {
@@ -494,6 +500,763 @@ out:
     return ok;
 }
 
+/* -- the raw path: event bytes -> row and digest, no Python object per value ------------
+ *
+ * A strict scanner of the event's JSON text. It takes only the plain case and answers 0
+ * ("not plain": the caller uses the orjson path above, which gives the reference's
+ * result) for everything else: any backslash escape anywhere in the event, a control
+ * character or invalid UTF-8 in a string, a number of more than 18 integer digits or one
+ * that is not finite, nesting deeper than 64, a top level that is not one object, a value
+ * of a type the column does not take plainly. What it accepts, orjson accepts with the
+ * same meaning (duplicate names: the last wins, as in orjson), so the rows and digests are
+ * those of the orjson path, byte for byte (tests compare the two on hostile events). */
+
+enum { J_NULL = 1, J_STR, J_INT, J_FLOAT, J_TRUE, J_FALSE, J_OBJ, J_ARR };
+
+typedef struct { const unsigned char *p; Py_ssize_t n; int type; } jv_t;
+typedef struct { const unsigned char *p, *e; int depth; } js_t;
+
+#define JS_MAX_DEPTH 64
+
+static inline void js_ws(js_t *s) {
+    while (s->p < s->e && (*s->p == ' ' || *s->p == '\n' || *s->p == '\r' || *s->p == '\t'))
+        s->p++;
+}
+
+/* a string without escapes (s->p at its opening quote): valid UTF-8, no control character */
+static int js_string(js_t *s, jv_t *v) {
+    const unsigned char *p = s->p + 1, *e = s->e, *start = p;
+    while (p < e) {
+        /* eight plain ASCII bytes at a time: none is '"', '\\', < 0x20 or >= 0x80 */
+        while (e - p >= 8) {
+            uint64_t x;
+            memcpy(&x, p, 8);
+            const uint64_t ones = 0x0101010101010101ULL, high = 0x8080808080808080ULL;
+            uint64_t q = x ^ (ones * '"'), b = x ^ (ones * '\\');
+            uint64_t special = ((x - ones * 0x20) | (q - ones) | (b - ones) | x) & high;
+            if (special) break;
+            p += 8;
+        }
+        if (p >= e) break;
+        unsigned char c = *p;
+        if (c == '"') {
+            v->p = start; v->n = p - start; v->type = J_STR;
+            s->p = p + 1;
+            return 0;
+        }
+        if (c == '\\' || c < 0x20) return -1;
+        if (c < 0x80) { p++; continue; }
+        int len;
+        if (c >= 0xC2 && c <= 0xDF) len = 2;
+        else if (c >= 0xE0 && c <= 0xEF) len = 3;
+        else if (c >= 0xF0 && c <= 0xF4) len = 4;
+        else return -1;
+        if (e - p < len) return -1;
+        for (int i = 1; i < len; i++)
+            if ((p[i] & 0xC0) != 0x80) return -1;
+        if ((c == 0xE0 && p[1] < 0xA0) || (c == 0xED && p[1] >= 0xA0) ||  /* overlong, surrogate */
+            (c == 0xF0 && p[1] < 0x90) || (c == 0xF4 && p[1] >= 0x90))    /* overlong, > U+10FFFF */
+            return -1;
+        p += len;
+    }
+    return -1;
+}
+
+/* valid UTF-8 (no overlong form, no surrogate, nothing above U+10FFFF): 1, else 0 */
+static int utf8_valid(const unsigned char *p, Py_ssize_t n) {
+    const unsigned char *e = p + n;
+    while (p < e) {
+        unsigned char c = *p;
+        if (c < 0x80) { p++; continue; }
+        int len;
+        if (c >= 0xC2 && c <= 0xDF) len = 2;
+        else if (c >= 0xE0 && c <= 0xEF) len = 3;
+        else if (c >= 0xF0 && c <= 0xF4) len = 4;
+        else return 0;
+        if (e - p < len) return 0;
+        for (int i = 1; i < len; i++)
+            if ((p[i] & 0xC0) != 0x80) return 0;
+        if ((c == 0xE0 && p[1] < 0xA0) || (c == 0xED && p[1] >= 0xA0) ||
+            (c == 0xF0 && p[1] < 0x90) || (c == 0xF4 && p[1] >= 0x90))
+            return 0;
+        p += len;
+    }
+    return 1;
+}
+
+static inline int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
+
+/* RFC 8259 number; integers of at most 18 digits, finite floats */
+static int js_number(js_t *s, jv_t *v) {
+    const unsigned char *p = s->p, *e = s->e, *start = p;
+    int is_int = 1, exp = 0;
+    if (p < e && *p == '-') p++;
+    const unsigned char *digits = p;
+    if (p < e && *p == '0') p++;
+    else if (p < e && *p >= '1' && *p <= '9') { while (p < e && is_digit(*p)) p++; }
+    else return -1;
+    Py_ssize_t nint = p - digits;
+    if (p < e && *p == '.') {
+        is_int = 0;
+        const unsigned char *d = ++p;
+        while (p < e && is_digit(*p)) p++;
+        if (p == d) return -1;
+    }
+    if (p < e && (*p == 'e' || *p == 'E')) {
+        is_int = 0; exp = 1;
+        p++;
+        if (p < e && (*p == '+' || *p == '-')) p++;
+        const unsigned char *d = p;
+        while (p < e && is_digit(*p)) p++;
+        if (p == d) return -1;
+    }
+    if (is_int && nint > 18) return -1;
+    if (!is_int && (exp || nint > 300)) { /* could be infinite, which orjson refuses */
+        char tmp[64];
+        if (p - start >= (Py_ssize_t)sizeof tmp) return -1;
+        memcpy(tmp, start, p - start);
+        tmp[p - start] = 0;
+        char *end;
+        double d = PyOS_string_to_double(tmp, &end, NULL);
+        if (d == -1.0 && PyErr_Occurred()) { PyErr_Clear(); return -1; }
+        if (end != tmp + (p - start) || !isfinite(d)) return -1;
+    }
+    v->p = start; v->n = p - start; v->type = is_int ? J_INT : J_FLOAT;
+    s->p = p;
+    return 0;
+}
+
+static int js_value(js_t *s, jv_t *v);
+
+/* an object or array (s->p at its bracket); members validated, not interpreted */
+static int js_container(js_t *s) {
+    if (++s->depth > JS_MAX_DEPTH) return -1;
+    int obj = *s->p == '{';
+    unsigned char close = obj ? '}' : ']';
+    s->p++;
+    js_ws(s);
+    if (s->p < s->e && *s->p == close) { s->p++; s->depth--; return 0; }
+    for (;;) {
+        jv_t k, v;
+        if (obj) {
+            if (s->p >= s->e || *s->p != '"' || js_string(s, &k) < 0) return -1;
+            js_ws(s);
+            if (s->p >= s->e || *s->p != ':') return -1;
+            s->p++;
+            js_ws(s);
+        }
+        if (js_value(s, &v) < 0) return -1;
+        js_ws(s);
+        if (s->p >= s->e) return -1;
+        if (*s->p == ',') { s->p++; js_ws(s); continue; }
+        if (*s->p == close) { s->p++; s->depth--; return 0; }
+        return -1;
+    }
+}
+
+static int js_lit(js_t *s, jv_t *v, const char *lit, int n, int type) {
+    if (s->e - s->p < n || memcmp(s->p, lit, n) != 0) return -1;
+    v->p = s->p; v->n = n; v->type = type;
+    s->p += n;
+    return 0;
+}
+
+/* one value at s->p (whitespace skipped); its span and type in *v */
+static int js_value(js_t *s, jv_t *v) {
+    if (s->p >= s->e) return -1;
+    const unsigned char *start = s->p;
+    switch (*s->p) {
+    case '"': return js_string(s, v);
+    case '{':
+    case '[':
+        if (js_container(s) < 0) return -1;
+        v->p = start; v->n = s->p - start; v->type = *start == '{' ? J_OBJ : J_ARR;
+        return 0;
+    case 't': return js_lit(s, v, "true", 4, J_TRUE);
+    case 'f': return js_lit(s, v, "false", 5, J_FALSE);
+    case 'n': return js_lit(s, v, "null", 4, J_NULL);
+    default: return js_number(s, v);
+    }
+}
+
+/* the members of the object at s->p, one per call: 1 with name and value, 0 at its end,
+ * -1 not plain. `*first` starts at 1. */
+static int js_member(js_t *s, int *first, jv_t *name, jv_t *value) {
+    if (*first) {
+        if (s->p >= s->e || *s->p != '{') return -1;
+        s->p++;
+        js_ws(s);
+        if (s->p < s->e && *s->p == '}') { s->p++; return 0; }
+        *first = 0;
+    } else {
+        js_ws(s);
+        if (s->p >= s->e) return -1;
+        if (*s->p == '}') { s->p++; return 0; }
+        if (*s->p != ',') return -1;
+        s->p++;
+        js_ws(s);
+    }
+    if (s->p >= s->e || *s->p != '"' || js_string(s, name) < 0) return -1;
+    js_ws(s);
+    if (s->p >= s->e || *s->p != ':') return -1;
+    s->p++;
+    js_ws(s);
+    return js_value(s, value) < 0 ? -1 : 1;
+}
+
+/* -- digest text (orjson's bytes for the canonical tuple) --------------------------------- */
+
+static inline int buf_put(buf_t *b, const void *p, Py_ssize_t n) {
+    if (buf_reserve(b, n) < 0) return -1;
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+/* a JSON string as orjson writes it: `"` and `\` escaped, control characters as \b \t \n
+ * \f \r or \u00xx; everything else (valid UTF-8) as it is */
+static int dj_str(buf_t *b, const unsigned char *p, Py_ssize_t n) {
+    if (buf_reserve(b, 2 + 6 * n) < 0) return -1;
+    char *o = b->p + b->len;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = p[i];
+        if (c >= 0x20 && c != '"' && c != '\\') { *o++ = (char)c; continue; }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\t': *o++ = 't'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\r': *o++ = 'r'; break;
+        default: {
+            static const char hex[] = "0123456789abcdef";
+            *o++ = 'u'; *o++ = '0'; *o++ = '0';
+            *o++ = hex[c >> 4]; *o++ = hex[c & 15];
+        }
+        }
+    }
+    *o++ = '"';
+    b->len = o - b->p;
+    return 0;
+}
+
+static int dj_int(buf_t *b, long long v) {
+    char tmp[24];
+    int n = 24;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do { tmp[--n] = (char)('0' + u % 10); u /= 10; } while (u);
+    if (v < 0) tmp[--n] = '-';
+    return buf_put(b, tmp + n, 24 - n);
+}
+
+/* a float as orjson writes it: Python's repr when that has no exponent (tests compare
+ * the two), else orjson itself */
+static int dj_double(buf_t *b, double d, PyObject **h) {
+    char *r = PyOS_double_to_string(d, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (r == NULL) return -1;
+    if (strchr(r, 'e') == NULL && strchr(r, 'n') == NULL) { /* not 1e+20, inf, nan */
+        int bad = buf_put(b, r, (Py_ssize_t)strlen(r));
+        PyMem_Free(r);
+        return bad;
+    }
+    PyMem_Free(r);
+    PyObject *f = PyFloat_FromDouble(d);
+    if (f == NULL) return -1;
+    PyObject *o = PyObject_CallOneArg(h[H_DUMPS], f);
+    Py_DECREF(f);
+    if (o == NULL) return -1;
+    int bad = buf_put(b, PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o));
+    Py_DECREF(o);
+    return bad;
+}
+
+/* -- canonical JSON ------------------------------------------------------------------------ */
+
+/* the float literal is how orjson writes its value: 1, else 0. Only literals without an
+ * exponent: orjson and repr() differ there (0.00001 vs 1e-05) */
+static int float_is_canonical(const unsigned char *p, Py_ssize_t n) {
+    char tmp[64];
+    if (n >= (Py_ssize_t)sizeof tmp || memchr(p, 'e', n) || memchr(p, 'E', n)) return 0;
+    /* The common case without converting: at most 15 significant digits (DBL_DIG: the
+     * literal is then the shortest string of its double), no superfluous trailing zero,
+     * and 1e-4 <= |value| < 1e16 or 0 (repr() writes no exponent there). */
+    {
+        const unsigned char *q = p, *e = p + n;
+        if (*q == '-') q++;
+        const unsigned char *dot = memchr(q, '.', e - q);
+        if (dot != NULL && dot + 1 < e) {
+            Py_ssize_t nint = dot - q, nfrac = e - dot - 1;
+            int int_zero = nint == 1 && q[0] == '0';
+            Py_ssize_t lead = 0; /* zeros after the dot when the integer part is 0 */
+            if (int_zero)
+                while (lead < nfrac && dot[1 + lead] == '0') lead++;
+            int dot0 = nfrac == 1 && dot[1] == '0'; /* X.0 */
+            if (dot0 || e[-1] != '0') {
+                Py_ssize_t sig = (int_zero ? 0 : nint) + (dot0 ? 0 : nfrac - lead);
+                int zero = int_zero && dot0;
+                if (sig <= 15 && (zero || !int_zero || lead <= 3)) return 1;
+            }
+        }
+    }
+    memcpy(tmp, p, n);
+    tmp[n] = 0;
+    char *end;
+    double d = PyOS_string_to_double(tmp, &end, NULL);
+    if (d == -1.0 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
+    if (end != tmp + n) return 0;
+    char *r = PyOS_double_to_string(d, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (r == NULL) { PyErr_Clear(); return 0; }
+    int same = (Py_ssize_t)strlen(r) == n && memcmp(r, tmp, n) == 0;
+    PyMem_Free(r);
+    return same;
+}
+
+static inline int name_cmp(const jv_t *a, const jv_t *b) {
+    Py_ssize_t n = a->n < b->n ? a->n : b->n;
+    int c = memcmp(a->p, b->p, n);
+    return c ? c : (a->n < b->n ? -1 : a->n > b->n);
+}
+
+/* copy the JSON value at s->p to `out` without whitespace, if that is what
+ * orjson.dumps(orjson.loads(text), option=OPT_SORT_KEYS) gives -- and then also what
+ * orjson.dumps(orjson.loads(text)) gives: object names strictly ascending (code point
+ * order = UTF-8 byte order), numbers as orjson writes them. 1 copied, 0 not canonical
+ * (use the reference), -1 error. Whitespace is allowed in the input: PostgreSQL writes
+ * jsonb with a space after ':' and ','. */
+static int canon_value(js_t *s, buf_t *out) {
+    js_ws(s);
+    if (s->p >= s->e) return 0;
+    unsigned char c = *s->p;
+    if (c == '{' || c == '[') {
+        if (++s->depth > JS_MAX_DEPTH) return 0;
+        int obj = c == '{';
+        unsigned char close = obj ? '}' : ']';
+        if (buf_put(out, s->p, 1) < 0) return -1;
+        s->p++;
+        js_ws(s);
+        if (s->p < s->e && *s->p == close) {
+            s->p++; s->depth--;
+            return buf_put(out, &close, 1) < 0 ? -1 : 1;
+        }
+        jv_t prev = {NULL, 0, 0};
+        for (int i = 0;; i++) {
+            if (i && buf_put(out, ",", 1) < 0) return -1;
+            if (obj) {
+                jv_t name;
+                if (s->p >= s->e || *s->p != '"' || js_string(s, &name) < 0) return 0;
+                if (i && name_cmp(&prev, &name) >= 0) return 0;
+                prev = name;
+                if (buf_put(out, name.p - 1, name.n + 2) < 0 || buf_put(out, ":", 1) < 0)
+                    return -1;
+                js_ws(s);
+                if (s->p >= s->e || *s->p != ':') return 0;
+                s->p++;
+            }
+            int r = canon_value(s, out);
+            if (r <= 0) return r;
+            js_ws(s);
+            if (s->p >= s->e) return 0;
+            if (*s->p == ',') { s->p++; js_ws(s); continue; }
+            if (*s->p != close) return 0;
+            s->p++; s->depth--;
+            return buf_put(out, &close, 1) < 0 ? -1 : 1;
+        }
+    }
+    jv_t v;
+    if (js_value(s, &v) < 0) return 0;
+    if (v.type == J_INT && v.n == 2 && v.p[0] == '-' && v.p[1] == '0') return 0; /* -0 -> 0 */
+    if (v.type == J_FLOAT && !float_is_canonical(v.p, v.n)) return 0;
+    if (v.type == J_STR) return buf_put(out, v.p - 1, v.n + 2) < 0 ? -1 : 1; /* the quotes */
+    return buf_put(out, v.p, v.n) < 0 ? -1 : 1;
+}
+
+/* the canonical text of the JSON `text` into `out` (appended): natively when it is
+ * already canonical modulo whitespace, else through the reference helper. 0 ok, -1 error */
+static int canon_json(const unsigned char *p, Py_ssize_t n, buf_t *out, PyObject **h,
+                      int want_plain, buf_t *plain) {
+    Py_ssize_t mark = out->len;
+    js_t s = {p, p + n, 0};
+    int r = canon_value(&s, out);
+    if (r < 0) return -1;
+    if (r == 1) {
+        js_ws(&s);
+        if (s.p == s.e) {
+            if (want_plain && buf_put(plain, out->p + mark, out->len - mark) < 0) return -1;
+            return 0;
+        }
+    }
+    out->len = mark;
+    PyObject *arg = PyBytes_FromStringAndSize((const char *)p, n);
+    if (arg == NULL) return -1;
+    PyObject *res = PyObject_CallOneArg(h[H_JSONB], arg);
+    Py_DECREF(arg);
+    if (res == NULL) return -1;
+    int bad = !PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2 ||
+              !PyBytes_Check(PyTuple_GET_ITEM(res, 0)) || !PyBytes_Check(PyTuple_GET_ITEM(res, 1));
+    if (bad) {
+        PyErr_SetString(PyExc_TypeError, "jsonb helper must return (bytes, bytes)");
+    } else {
+        PyObject *srt = PyTuple_GET_ITEM(res, 1), *pl = PyTuple_GET_ITEM(res, 0);
+        bad = buf_put(out, PyBytes_AS_STRING(srt), PyBytes_GET_SIZE(srt)) < 0 ||
+              (want_plain && buf_put(plain, PyBytes_AS_STRING(pl), PyBytes_GET_SIZE(pl)) < 0);
+    }
+    Py_DECREF(res);
+    return bad ? -1 : 0;
+}
+
+/* -- raw_row ------------------------------------------------------------------------------ */
+
+typedef struct { const char *p; Py_ssize_t n; } name_t;
+
+/* a column's value, parsed */
+typedef struct {
+    int type;            /* J_*, 0 absent */
+    const unsigned char *p;
+    Py_ssize_t n;
+    long long i;         /* J_INT; K_TS: micros */
+    double d;            /* K_DOUBLE */
+    tm_t t;              /* K_TS */
+    Py_ssize_t jc, jcn;  /* K_JSONB: canonical text at scratch[jc:jc+jcn] */
+    Py_ssize_t jp, jpn;  /*           plain text at scratch[jp:jp+jpn] */
+} cv_t;
+
+static int parse_int(const unsigned char *p, Py_ssize_t n, long long *out) {
+    int neg = n > 0 && p[0] == '-';
+    long long v = 0;
+    for (Py_ssize_t i = neg; i < n; i++) v = v * 10 + (p[i] - '0'); /* <= 18 digits */
+    *out = neg ? -v : v;
+    return 0;
+}
+
+typedef struct {
+    buf_t dg;       /* the digest text of one row */
+    buf_t canon;    /* jsonb canonical texts of one row */
+    buf_t plain;    /* jsonb plain texts of one row */
+    cv_t *cv;       /* ncols */
+    const name_t *names;
+    const int *kinds;
+    Py_ssize_t ncols;
+    int raw;        /* the raw path is on (tests switch it off to compare) */
+} raw_ctx;
+
+/* parse the event into ctx->cv: 1 plain, 0 not plain, -1 error */
+static int raw_parse(raw_ctx *c, const unsigned char *p, Py_ssize_t n, jv_t *version,
+                     jv_t *ts, tm_t *ts_tm, PyObject **h) {
+    js_t s = {p, p + n, 0};
+    jv_t name, v, data = {NULL, 0, 0};
+    version->type = ts->type = 0;
+    js_ws(&s);
+    int first = 1, r;
+    while ((r = js_member(&s, &first, &name, &v)) == 1) {
+        if (name.n == 4 && memcmp(name.p, "data", 4) == 0) data = v;
+        else if (name.n == 7 && memcmp(name.p, "version", 7) == 0) *version = v;
+        else if (name.n == 2 && memcmp(name.p, "ts", 2) == 0) *ts = v;
+    }
+    if (r < 0) return 0;
+    js_ws(&s);
+    if (s.p != s.e) return 0;
+    if (version->type && version->type != J_NULL && version->type != J_INT) return 0;
+    if (ts->type == J_STR) {
+        if (!parse_ts_bytes((const char *)ts->p, ts->n, ts_tm)) return 0;
+    } else if (ts->type && ts->type != J_NULL) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < c->ncols; i++) c->cv[i].type = 0;
+    if (data.type && data.type != J_NULL) {
+        if (data.type != J_OBJ) return 0;
+        js_t d = {data.p, data.p + data.n, 0};
+        Py_ssize_t next = 0;
+        first = 1;
+        while ((r = js_member(&d, &first, &name, &v)) == 1) {
+            Py_ssize_t hit = -1;
+            for (Py_ssize_t k = 0; k < c->ncols; k++) { /* names usually come in column order */
+                Py_ssize_t j = next + k < c->ncols ? next + k : next + k - c->ncols;
+                if (c->names[j].n == name.n && memcmp(c->names[j].p, name.p, name.n) == 0) {
+                    hit = j;
+                    break;
+                }
+            }
+            if (hit < 0) continue;
+            next = hit + 1 < c->ncols ? hit + 1 : 0;
+            cv_t *x = &c->cv[hit];
+            x->type = v.type; x->p = v.p; x->n = v.n;
+        }
+        if (r < 0) return 0;
+    }
+    c->canon.len = c->plain.len = 0;
+    for (Py_ssize_t i = 0; i < c->ncols; i++) {
+        cv_t *x = &c->cv[i];
+        if (x->type == 0 || x->type == J_NULL) { x->type = 0; continue; }
+        switch (c->kinds[i]) {
+        case K_TEXT:
+            if (x->type != J_STR) return 0;
+            break;
+        case K_TS:
+            if (x->type != J_STR || !parse_ts_bytes((const char *)x->p, x->n, &x->t)) return 0;
+            x->i = tm_micros(&x->t);
+            break;
+        case K_BIGINT:
+            if (x->type != J_INT) return 0;
+            parse_int(x->p, x->n, &x->i);
+            break;
+        case K_DOUBLE:
+            if (x->type == J_INT) {
+                parse_int(x->p, x->n, &x->i);
+                x->d = (double)x->i;
+            } else if (x->type == J_FLOAT) {
+                char tmp[400];
+                if (x->n >= (Py_ssize_t)sizeof tmp) return 0;
+                memcpy(tmp, x->p, x->n);
+                tmp[x->n] = 0;
+                x->d = PyOS_string_to_double(tmp, NULL, NULL);
+                if (x->d == -1.0 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
+            } else {
+                return 0;
+            }
+            break;
+        case K_BOOL:
+            if (x->type != J_TRUE && x->type != J_FALSE) return 0;
+            break;
+        case K_JSONB:
+            x->jc = c->canon.len;
+            x->jp = c->plain.len;
+            if (canon_json(x->type == J_STR ? x->p - 1 : x->p, /* with its quotes */
+                           x->type == J_STR ? x->n + 2 : x->n, &c->canon, h, 1, &c->plain) < 0)
+                return -1;
+            x->jcn = c->canon.len - x->jc;
+            x->jpn = c->plain.len - x->jp;
+            break;
+        }
+    }
+    return 1;
+}
+
+/* the digest text of the parsed row and its hash added to *acc */
+static int raw_digest(raw_ctx *c, const char *key, Py_ssize_t keyn, PyObject **h, u128 *acc) {
+    buf_t *b = &c->dg;
+    b->len = 0;
+    if (buf_put(b, "[", 1) < 0 || dj_str(b, (const unsigned char *)key, keyn) < 0) return -1;
+    for (Py_ssize_t i = 0; i < c->ncols; i++) {
+        cv_t *x = &c->cv[i];
+        if (buf_put(b, ",", 1) < 0) return -1;
+        int bad = 0;
+        if (x->type == 0) { bad = buf_put(b, "null", 4); }
+        else switch (c->kinds[i]) {
+        case K_TEXT: bad = buf_reserve(b, x->n + 2) < 0; /* plain: no escaping needed */
+            if (!bad) { b->p[b->len++] = '"'; memcpy(b->p + b->len, x->p, x->n);
+                        b->len += x->n; b->p[b->len++] = '"'; }
+            break;
+        case K_TS: case K_BIGINT: bad = dj_int(b, x->i); break;
+        case K_DOUBLE: bad = dj_double(b, x->d, h); break;
+        case K_BOOL: bad = x->type == J_TRUE ? buf_put(b, "true", 4) : buf_put(b, "false", 5);
+            break;
+        case K_JSONB:
+            bad = dj_str(b, (const unsigned char *)c->canon.p + x->jc, x->jcn);
+            break;
+        }
+        if (bad < 0) return -1;
+    }
+    if (buf_put(b, "]", 1) < 0) return -1;
+    *acc += blake2b_128((const uint8_t *)b->p, (size_t)b->len);
+    return 0;
+}
+
+static inline void put_null(buf_t *b) { put_be(b, 0xFFFFFFFFu, 4); }
+
+/* the parsed row as one PostgreSQL binary COPY row */
+static int raw_put_pg(raw_ctx *c, buf_t *out, const char *key, Py_ssize_t keyn,
+                      const jv_t *version, const jv_t *ts, const tm_t *ts_tm,
+                      const char *topic, Py_ssize_t topicn, long long partition,
+                      long long offset) {
+    if (buf_reserve(out, 2) < 0) return -1;
+    put_be(out, (uint64_t)(c->ncols + 6), 2);
+    if (put_bytes(out, key, keyn, 0) < 0) return -1;
+    for (Py_ssize_t i = 0; i < c->ncols; i++) {
+        cv_t *x = &c->cv[i];
+        if (buf_reserve(out, 13) < 0) return -1;
+        if (x->type == 0) { put_null(out); continue; }
+        switch (c->kinds[i]) {
+        case K_TEXT:
+            if (put_bytes(out, (const char *)x->p, x->n, 0) < 0) return -1;
+            break;
+        case K_TS:
+            put_be(out, 8, 4);
+            put_be(out, (uint64_t)(x->i - PG_EPOCH_US), 8);
+            break;
+        case K_BIGINT:
+            put_be(out, 8, 4);
+            put_be(out, (uint64_t)x->i, 8);
+            break;
+        case K_DOUBLE: {
+            uint64_t bits;
+            memcpy(&bits, &x->d, 8);
+            put_be(out, 8, 4);
+            put_be(out, bits, 8);
+            break;
+        }
+        case K_BOOL:
+            put_be(out, 1, 4);
+            out->p[out->len++] = x->type == J_TRUE;
+            break;
+        case K_JSONB:
+            if (put_bytes(out, c->plain.p + x->jp, x->jpn, 1) < 0) return -1;
+            break;
+        }
+    }
+    if (buf_reserve(out, 13) < 0) return -1;
+    if (version->type == J_INT) {
+        long long v;
+        parse_int(version->p, version->n, &v);
+        put_be(out, 8, 4);
+        put_be(out, (uint64_t)v, 8);
+    } else {
+        put_null(out);
+    }
+    if (put_bytes(out, topic, topicn, 0) < 0 || buf_reserve(out, 36) < 0) return -1;
+    put_be(out, 8, 4);
+    put_be(out, (uint64_t)partition, 8);
+    put_be(out, 8, 4);
+    put_be(out, (uint64_t)offset, 8);
+    if (ts->type == J_STR) {
+        put_be(out, 8, 4);
+        put_be(out, (uint64_t)(tm_micros(ts_tm) - PG_EPOCH_US), 8);
+    } else {
+        put_null(out);
+    }
+    return 0;
+}
+
+/* the parsed row as a tuple of the target's Python values (T_PG or T_SQLITE) */
+static PyObject *raw_tuple(raw_ctx *c, int target, PyObject *key, const jv_t *version,
+                           const jv_t *ts, const tm_t *ts_tm, PyObject *topic,
+                           PyObject *partition, PyObject *offset, PyObject **h) {
+    PyObject *row = PyTuple_New(c->ncols + 6);
+    if (row == NULL) return NULL;
+    PyTuple_SET_ITEM(row, 0, Py_NewRef(key));
+    for (Py_ssize_t i = 0; i < c->ncols; i++) {
+        cv_t *x = &c->cv[i];
+        PyObject *v = NULL;
+        if (x->type == 0) v = Py_NewRef(Py_None);
+        else switch (c->kinds[i]) {
+        case K_TEXT: v = PyUnicode_DecodeUTF8((const char *)x->p, x->n, NULL); break;
+        case K_TS: v = target == T_PG ? tm_datetime(&x->t, h[H_UTC]) : tm_text(&x->t); break;
+        case K_BIGINT: v = PyLong_FromLongLong(x->i); break;
+        case K_DOUBLE: v = PyFloat_FromDouble(x->d); break;
+        case K_BOOL:
+            v = target == T_PG ? Py_NewRef(x->type == J_TRUE ? Py_True : Py_False)
+                               : PyLong_FromLong(x->type == J_TRUE);
+            break;
+        case K_JSONB:
+            v = target == T_PG ? PyUnicode_DecodeUTF8(c->plain.p + x->jp, x->jpn, NULL)
+                               : PyUnicode_DecodeUTF8(c->canon.p + x->jc, x->jcn, NULL);
+            break;
+        }
+        if (v == NULL) { Py_DECREF(row); return NULL; }
+        PyTuple_SET_ITEM(row, i + 1, v);
+    }
+    PyObject *ver, *tsv;
+    if (version->type == J_INT) {
+        long long v;
+        parse_int(version->p, version->n, &v);
+        ver = PyLong_FromLongLong(v);
+    } else {
+        ver = Py_NewRef(Py_None);
+    }
+    if (ts->type == J_STR) tsv = target == T_PG ? tm_datetime(ts_tm, h[H_UTC]) : tm_text(ts_tm);
+    else tsv = Py_NewRef(Py_None);
+    if (ver == NULL || tsv == NULL) {
+        Py_XDECREF(ver); Py_XDECREF(tsv); Py_DECREF(row);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(row, c->ncols + 1, ver);
+    PyTuple_SET_ITEM(row, c->ncols + 2, Py_NewRef(topic));
+    PyTuple_SET_ITEM(row, c->ncols + 3, Py_NewRef(partition));
+    PyTuple_SET_ITEM(row, c->ncols + 4, Py_NewRef(offset));
+    PyTuple_SET_ITEM(row, c->ncols + 5, tsv);
+    return row;
+}
+
+/* one live change the raw way: 1 done (row written or appended, digest added), 0 not
+ * plain (nothing written), -1 error */
+static int raw_row(raw_ctx *c, PyObject *key, PyObject *value, PyObject *topic,
+                   PyObject *partition, PyObject *offset, int target, int binary,
+                   PyObject **h, buf_t *out, PyObject *rows, u128 *acc) {
+    if (!c->raw || !PyBytes_CheckExact(value) || !PyUnicode_CheckExact(key)) return 0;
+    jv_t version, ts;
+    tm_t ts_tm;
+    int r = raw_parse(c, (const unsigned char *)PyBytes_AS_STRING(value),
+                      PyBytes_GET_SIZE(value), &version, &ts, &ts_tm, h);
+    if (r <= 0) return r;
+    Py_ssize_t keyn;
+    const char *k = PyUnicode_AsUTF8AndSize(key, &keyn);
+    if (k == NULL) { PyErr_Clear(); return 0; }
+    if (binary) {
+        Py_ssize_t topicn;
+        const char *t = PyUnicode_AsUTF8AndSize(topic, &topicn);
+        if (t == NULL) { PyErr_Clear(); return 0; }
+        long long part = PyLong_AsLongLong(partition), off = PyLong_AsLongLong(offset);
+        if (PyErr_Occurred()) { PyErr_Clear(); return 0; }
+        Py_ssize_t mark = out->len;
+        if (raw_put_pg(c, out, k, keyn, &version, &ts, &ts_tm, t, topicn, part, off) < 0 ||
+            raw_digest(c, k, keyn, h, acc) < 0) {
+            out->len = mark;
+            return -1;
+        }
+        return 1;
+    }
+    PyObject *row = raw_tuple(c, target, key, &version, &ts, &ts_tm, topic, partition,
+                              offset, h);
+    if (row == NULL) return -1;
+    u128 a = *acc;
+    int bad = raw_digest(c, k, keyn, h, &a) < 0 || PyList_Append(rows, row) < 0;
+    Py_DECREF(row);
+    if (bad) return -1;
+    *acc = a;
+    return 1;
+}
+
+static int raw_enabled = 1;
+
+static PyObject *py_set_raw(PyObject *Py_UNUSED(self), PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    int was = raw_enabled;
+    raw_enabled = on;
+    return PyBool_FromLong(was);
+}
+
+static int raw_ctx_init(raw_ctx *c, PyObject *names, const int *kinds, Py_ssize_t ncols) {
+    memset(c, 0, sizeof *c);
+    c->raw = raw_enabled;
+    c->kinds = kinds;
+    c->ncols = ncols;
+    name_t *nm = PyMem_Calloc(ncols ? ncols : 1, sizeof(name_t));
+    c->cv = PyMem_Calloc(ncols ? ncols : 1, sizeof(cv_t));
+    if (nm == NULL || c->cv == NULL) {
+        PyMem_Free(nm);
+        PyMem_Free(c->cv);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < ncols; i++) {
+        nm[i].p = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(names, i), &nm[i].n);
+        if (nm[i].p == NULL) { PyMem_Free(nm); PyMem_Free(c->cv); return -1; }
+    }
+    c->names = nm;
+    return 0;
+}
+
+static void raw_ctx_free(raw_ctx *c) {
+    PyMem_Free((void *)c->names);
+    PyMem_Free(c->cv);
+    PyMem_Free(c->dg.p);
+    PyMem_Free(c->canon.p);
+    PyMem_Free(c->plain.p);
+}
+
 static int parse_kinds(PyObject *kinds_t, int *kinds, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) {
         long k = PyLong_AsLong(PyTuple_GET_ITEM(kinds_t, i));
@@ -527,7 +1290,11 @@ static PyObject *encode_chunk(PyObject *Py_UNUSED(self), PyObject *args) {
     buf_t out = {NULL, 0, 0};
     Py_ssize_t count = 0;
     if (binary) target = T_PG;
+    raw_ctx rc;
+    int rc_ok = 0;
     if (parse_kinds(kinds_t, kinds, ncols) < 0) goto fail;
+    if (raw_ctx_init(&rc, names, kinds, ncols) < 0) goto fail;
+    rc_ok = 1;
     rows = PyList_New(0);
     if (rows == NULL) goto fail;
     Py_ssize_t nkeys = PyList_GET_SIZE(keys);
@@ -552,6 +1319,10 @@ static PyObject *encode_chunk(PyObject *Py_UNUSED(self), PyObject *args) {
         PyObject *part = PyList_GET_ITEM(parts, rank); /* (topic, partition) */
         PyObject *topic = PyTuple_GET_ITEM(part, 0), *partition = PyTuple_GET_ITEM(part, 1);
         PyObject *offset = PyTuple_GET_ITEM(ch, 3);
+        int rr = raw_row(&rc, key, value, topic, partition, offset, target, binary, h, &out,
+                         rows, &acc);
+        if (rr < 0) goto fail;
+        if (rr == 1) { count++; continue; }
         PyObject *row = NULL, *canon = NULL;
         int r = fast_row(key, value, topic, partition, offset, names, kinds, ncols, target, h,
                          &row, &canon);
@@ -577,6 +1348,7 @@ static PyObject *encode_chunk(PyObject *Py_UNUSED(self), PyObject *args) {
         count++;
     }
     PyMem_Free(kinds);
+    raw_ctx_free(&rc);
     if (binary) {
         Py_DECREF(rows);
         rows = PyBytes_FromStringAndSize(out.p ? out.p : "", out.len);
@@ -588,6 +1360,7 @@ static PyObject *encode_chunk(PyObject *Py_UNUSED(self), PyObject *args) {
     return res;
 fail:
     PyMem_Free(kinds);
+    if (rc_ok) raw_ctx_free(&rc);
     PyMem_Free(out.p);
     Py_XDECREF(rows);
     return NULL;
@@ -738,6 +1511,82 @@ static PyObject *binary_canon(int kind, const unsigned char *p, int32_t n, PyObj
     return NULL;
 }
 
+/* the digest text of one binary COPY row (key, data columns) read back, built natively:
+ * 1 added to *acc, 0 use the Python path (text that is not valid UTF-8, a field of an
+ * unexpected size), -1 error */
+static int copy_row_digest(const int *kinds, int nf, const unsigned char *q, buf_t *dg,
+                           buf_t *scratch, PyObject **h, u128 *acc) {
+    dg->len = 0;
+    if (buf_put(dg, "[", 1) < 0) return -1;
+    for (int i = 0; i < nf; i++) {
+        int32_t n = (int32_t)get_be(q, 4);
+        q += 4;
+        if (i && buf_put(dg, ",", 1) < 0) return -1;
+        if (n < 0) {
+            if (buf_put(dg, "null", 4) < 0) return -1;
+            continue;
+        }
+        int kind = i == 0 ? K_TEXT : kinds[i - 1];
+        int bad = 0;
+        switch (kind) {
+        case K_TEXT: {
+            /* valid UTF-8 without control characters, '"' or '\\': as it is */
+            const unsigned char *e = q + n;
+            int plain = 1;
+            for (const unsigned char *p = q; p < e; p++)
+                if (*p < 0x20 || *p == '"' || *p == '\\') { plain = 0; break; }
+            if (!utf8_valid(q, n)) return 0;
+            if (plain) {
+                bad = buf_reserve(dg, n + 2) < 0;
+                if (!bad) {
+                    dg->p[dg->len++] = '"';
+                    memcpy(dg->p + dg->len, q, n);
+                    dg->len += n;
+                    dg->p[dg->len++] = '"';
+                }
+            } else {
+                bad = dj_str(dg, q, n) < 0;
+            }
+            break;
+        }
+        case K_TS:
+            if (n != 8) return 0;
+            bad = dj_int(dg, (long long)get_be(q, 8) + PG_EPOCH_US) < 0;
+            break;
+        case K_BIGINT:
+            if (n != 8) return 0;
+            bad = dj_int(dg, (long long)get_be(q, 8)) < 0;
+            break;
+        case K_DOUBLE: {
+            if (n != 8) return 0;
+            uint64_t bits = get_be(q, 8);
+            double d;
+            memcpy(&d, &bits, 8);
+            if (!isfinite(d)) return 0;
+            bad = dj_double(dg, d, h) < 0;
+            break;
+        }
+        case K_BOOL:
+            if (n != 1) return 0;
+            bad = q[0] ? buf_put(dg, "true", 4) < 0 : buf_put(dg, "false", 5) < 0;
+            break;
+        case K_JSONB:
+            if (n < 1 || q[0] != 1 || !utf8_valid(q + 1, n - 1)) return 0;
+            scratch->len = 0;
+            bad = canon_json(q + 1, n - 1, scratch, h, 0, NULL) < 0 ||
+                  dj_str(dg, (const unsigned char *)scratch->p, scratch->len) < 0;
+            break;
+        default:
+            return 0;
+        }
+        if (bad) return -1;
+        q += n;
+    }
+    if (buf_put(dg, "]", 1) < 0) return -1;
+    *acc += blake2b_128((const uint8_t *)dg->p, (size_t)dg->len);
+    return 1;
+}
+
 /* digest_copy(kinds, data, helpers) -> (consumed, count, hi, lo, done): digests the whole
  * rows (key, data columns) at the start of `data` (the header already skipped); `done`
  * when the trailer was reached */
@@ -756,6 +1605,7 @@ static PyObject *digest_copy(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_ssize_t size = buf.len, pos = 0, count = 0;
     u128 acc = 0;
     int done = 0;
+    buf_t dg = {NULL, 0, 0}, scratch = {NULL, 0, 0};
     if (PyTuple_GET_SIZE(helpers) != H_COUNT || parse_kinds(kinds_t, kinds, ncols) < 0) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "digest_copy: bad helpers");
         goto out;
@@ -781,6 +1631,9 @@ static PyObject *digest_copy(PyObject *Py_UNUSED(self), PyObject *args) {
             }
         }
         if (!whole) break;
+        int nr = copy_row_digest(kinds, nf, d + pos + 2, &dg, &scratch, h, &acc);
+        if (nr < 0) goto out;
+        if (nr == 1) { count++; pos = q; continue; }
         PyObject *canon = PyTuple_New(nf);
         if (canon == NULL) goto out;
         q = pos + 2;
@@ -803,6 +1656,8 @@ static PyObject *digest_copy(PyObject *Py_UNUSED(self), PyObject *args) {
     result = Py_BuildValue("(nnKKi)", pos, count, (unsigned long long)(acc >> 64),
                            (unsigned long long)acc, done);
 out:
+    PyMem_Free(dg.p);
+    PyMem_Free(scratch.p);
     PyMem_Free(kinds);
     PyBuffer_Release(&buf);
     return result;
@@ -813,6 +1668,9 @@ static PyMethodDef methods[] = {
      "encode_chunk(names, kinds, target, keys, changes, parts, helpers) -> "
      "(rows, count, digest_hi, digest_lo); target 2: rows as PostgreSQL binary COPY data "
      "(bytes); see rowcodec.py"},
+    {"set_raw", py_set_raw, METH_O,
+     "set_raw(on) -> previous: the raw JSON path on or off (tests and A/B runs compare the "
+     "two paths; on by default)"},
     {"blake2b_128", py_blake2b_128, METH_O,
      "blake2b_128(data) -> (hi, lo): BLAKE2b with a 16-byte digest, as two 64-bit halves"},
     {"digest_copy", digest_copy, METH_VARARGS,

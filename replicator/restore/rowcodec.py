@@ -136,9 +136,13 @@ class RowCodec:
         def dt_micros(value: datetime) -> int:
             return (value - EPOCH) // _MICRO
 
+        def jsonb(text: bytes) -> tuple[bytes, bytes]:
+            value = orjson.loads(text)
+            return orjson.dumps(value), orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
         self._helpers = (
             orjson.loads, orjson.dumps, {"option": orjson.OPT_SORT_KEYS}, UTC,
-            _ts_target(target), rfc3339_to_micros, slow_row, stored, dt_micros,
+            _ts_target(target), rfc3339_to_micros, slow_row, stored, dt_micros, jsonb,
         )
 
     def rows(self, plan: RestorePlan, changes: dict[str, Change], digest: DigestBuilder,
