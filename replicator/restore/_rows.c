@@ -108,10 +108,25 @@ static PyObject *tm_datetime(const tm_t *t, PyObject *utc) {
                                                    t->us, utc, PyDateTimeAPI->DateTimeType);
 }
 
+/* the canonical timestamp text YYYY-MM-DDTHH:MM:SS.ffffffZ (27 characters) into buf */
+static inline void put_digits(char *p, int v, int n) {
+    for (int i = n - 1; i >= 0; i--) { p[i] = (char)('0' + v % 10); v /= 10; }
+}
+
+static void tm_format(const tm_t *t, char buf[32]) {
+    memcpy(buf, "0000-00-00T00:00:00.000000Z", 28);
+    put_digits(buf, t->y, 4);
+    put_digits(buf + 5, t->mo, 2);
+    put_digits(buf + 8, t->d, 2);
+    put_digits(buf + 11, t->h, 2);
+    put_digits(buf + 14, t->mi, 2);
+    put_digits(buf + 17, t->s, 2);
+    put_digits(buf + 20, t->us, 6);
+}
+
 static PyObject *tm_text(const tm_t *t) {
     char buf[32];
-    snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", t->y, t->mo, t->d, t->h,
-             t->mi, t->s, t->us);
+    tm_format(t, buf);
     return PyUnicode_FromStringAndSize(buf, 27);
 }
 
@@ -1510,6 +1525,27 @@ static int stored_row_digest(const int *kinds, Py_ssize_t ncols, int target, PyO
     return 1;
 }
 
+/* one row read back as a Python sequence (key, data columns) added to *acc: natively,
+ * else through the reference converters; 0 ok, -1 error */
+static int py_row_digest(const int *kinds, Py_ssize_t ncols, int target, PyObject *row,
+                         buf_t *dg, buf_t *scratch, PyObject **h, u128 *acc) {
+    int nr = stored_row_digest(kinds, ncols, target, row, dg, scratch, h, acc);
+    if (nr != 0) return nr < 0 ? -1 : 0;
+    PyObject *canon = PyTuple_New(ncols + 1);
+    int bad = canon == NULL;
+    for (Py_ssize_t i = 0; !bad && i <= ncols; i++) {
+        PyObject *v = PySequence_GetItem(row, i);
+        if (v == NULL) { bad = 1; break; }
+        PyObject *c = i == 0 ? Py_NewRef(v) : stored_canon(kinds[i - 1], target, v, h);
+        Py_DECREF(v);
+        if (c == NULL) { bad = 1; break; }
+        PyTuple_SET_ITEM(canon, i, c);
+    }
+    if (!bad) bad = digest_add(canon, h, acc) < 0;
+    Py_XDECREF(canon);
+    return bad ? -1 : 0;
+}
+
 static PyObject *digest_rows(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *kinds_t, *rows, *helpers;
     int target;
@@ -1533,26 +1569,8 @@ static PyObject *digest_rows(PyObject *Py_UNUSED(self), PyObject *args) {
     if (it == NULL) goto fail;
     PyObject *row;
     while ((row = PyIter_Next(it)) != NULL) {
-        int nr = stored_row_digest(kinds, ncols, target, row, &dg, &scratch, h, &acc);
-        if (nr != 0) {
-            Py_DECREF(row);
-            if (nr < 0) goto fail;
-            count++;
-            continue;
-        }
-        PyObject *canon = PyTuple_New(ncols + 1);
-        int bad = canon == NULL;
-        for (Py_ssize_t i = 0; !bad && i <= ncols; i++) {
-            PyObject *v = PySequence_GetItem(row, i);
-            if (v == NULL) { bad = 1; break; }
-            PyObject *c = i == 0 ? Py_NewRef(v) : stored_canon(kinds[i - 1], target, v, h);
-            Py_DECREF(v);
-            if (c == NULL) { bad = 1; break; }
-            PyTuple_SET_ITEM(canon, i, c);
-        }
+        int bad = py_row_digest(kinds, ncols, target, row, &dg, &scratch, h, &acc) < 0;
         Py_DECREF(row);
-        if (!bad) bad = digest_add(canon, h, &acc) < 0;
-        Py_XDECREF(canon);
         if (bad) goto fail;
         count++;
     }
@@ -1765,6 +1783,10 @@ out:
     return result;
 }
 
+#ifdef REPLICATOR_SQLITE
+#include "_rows_sqlite.c"
+#endif
+
 static PyMethodDef methods[] = {
     {"encode_chunk", encode_chunk, METH_VARARGS,
      "encode_chunk(names, kinds, target, keys, changes, parts, helpers) -> "
@@ -1779,6 +1801,14 @@ static PyMethodDef methods[] = {
      "digest_copy(kinds, data, helpers) -> (consumed, count, digest_hi, digest_lo, done)"},
     {"digest_rows", digest_rows, METH_VARARGS,
      "digest_rows(kinds, target, rows, helpers) -> (count, digest_hi, digest_lo)"},
+#ifdef REPLICATOR_SQLITE
+    {"sqlite_load", sqlite_load, METH_VARARGS,
+     "sqlite_load(path, create_sql, insert_sql, names, kinds, keys, changes, parts, helpers, "
+     "progress) -> (count, digest_hi, digest_lo): create the table and insert the live keys "
+     "through a connection of its own, in one transaction"},
+    {"sqlite_digest", sqlite_digest, METH_VARARGS,
+     "sqlite_digest(path, select_sql, kinds, helpers) -> (count, digest_hi, digest_lo)"},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
@@ -1795,5 +1825,14 @@ PyMODINIT_FUNC PyInit__rows(void) {
     s_version = PyUnicode_InternFromString("version");
     s_ts = PyUnicode_InternFromString("ts");
     if (!s_data || !s_version || !s_ts) return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+#ifdef REPLICATOR_SQLITE
+    SqliteError = PyErr_NewException("replicator.restore._rows.SqliteError", NULL, NULL);
+    if (SqliteError == NULL || PyModule_AddObjectRef(m, "SqliteError", SqliteError) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
+    return m;
 }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import orjson
@@ -67,6 +68,11 @@ def _load_native() -> Any:
 native: Any = _load_native()
 
 RowIn = tuple[Any, dict[str, Any]]
+
+
+class SqliteFailure(Exception):
+    """SQLite refused the native loader or reader (its message); the target turns it into
+    a :class:`~replicator.errors.TargetError` naming itself."""
 
 
 def event_rows(
@@ -162,6 +168,46 @@ class RowCodec:
             yield from rows
             if progress is not None and n:
                 progress(n)
+
+    @property
+    def sqlite_native(self) -> bool:
+        """The native SQLite loader and read-back are built (SQLite's headers were there)."""
+        return (self.native is not None and self.target == "sqlite"
+                and hasattr(self.native, "sqlite_load"))
+
+    def sqlite_load(self, path: Path, create_sql: str, insert_sql: str, plan: RestorePlan,
+                    changes: dict[str, Change], digest: DigestBuilder,
+                    progress: Callable[[int], None] | None = None) -> int:
+        """Create the table (``create_sql``) and insert the live keys in key order into the
+        SQLite file ``path`` through a connection of the native loader's own, in one
+        transaction; feeds ``digest``. The rows are those :meth:`rows` gives. Raises
+        :class:`SqliteFailure` for what SQLite refuses (the file is then the caller's to
+        drop: a failed load commits nothing)."""
+        nat = self.native
+        if nat is None or not self.sqlite_native:
+            raise ValueError("the native SQLite loader is not built")
+        keys = sorted(changes)
+        parts = [(p.topic, p.partition) for p in plan.partitions]
+        try:
+            n, hi, lo = nat.sqlite_load(str(path), create_sql, insert_sql, self._names,
+                                        self._kinds, keys, changes, parts, self._helpers,
+                                        progress)
+        except nat.SqliteError as exc:
+            raise SqliteFailure(str(exc)) from None
+        digest.add_sum(n, (hi << 64) | lo)
+        return int(n)
+
+    def sqlite_digest(self, path: Path, select_sql: str, digest: DigestBuilder) -> None:
+        """Add the rows of ``select_sql`` (key, data columns), read from the SQLite file
+        ``path`` through a read-only connection of its own, to ``digest``."""
+        nat = self.native
+        if nat is None or not self.sqlite_native:
+            raise ValueError("the native SQLite read-back is not built")
+        try:
+            n, hi, lo = nat.sqlite_digest(str(path), select_sql, self._kinds, self._helpers)
+        except nat.SqliteError as exc:
+            raise SqliteFailure(str(exc)) from None
+        digest.add_sum(n, (hi << 64) | lo)
 
     def pg_copy_data(self, plan: RestorePlan, changes: dict[str, Change],
                      digest: DigestBuilder, progress: Callable[[int], None] | None = None

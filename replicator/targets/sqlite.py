@@ -163,8 +163,45 @@ class SqliteTarget:
     async def write_codec(self, codec: RowCodec, plan: RestorePlan, changes: dict[str, Change],
                           digest: DigestBuilder, progress: Callable[[int], None] | None = None
                           ) -> int:
-        """Load one entity's live changes, converted by ``codec`` (in the worker thread)."""
+        """Load one entity's live changes, converted by ``codec`` (in a worker thread): by
+        the native loader when it is built (events bound straight from their bytes, no
+        Python object per value), else through ``executemany``."""
+        if codec.sqlite_native:
+            return await asyncio.to_thread(self._load_native_sync, codec, plan, changes,
+                                           digest, progress)
         return await self.write_rows(codec.layout, codec.rows(plan, changes, digest, progress))
+
+    def _load_native_sync(self, codec: RowCodec, plan: RestorePlan,
+                          changes: dict[str, Change], digest: DigestBuilder,
+                          progress: Callable[[int], None] | None) -> int:
+        from replicator.restore.rowcodec import SqliteFailure
+
+        layout = codec.layout
+        with self._own_connection_paused():
+            try:
+                return codec.sqlite_load(
+                    self._tmp, create_table_sql(layout, rowid=self.rowid_tables),
+                    self._insert_sql(layout), plan, changes, digest, progress)
+            except SqliteFailure as exc:
+                raise TargetError(f"{self.location}: loading {layout.entity}: {exc}") from None
+
+    @contextlib.contextmanager
+    def _own_connection_paused(self) -> Iterator[None]:
+        """The native loader and reader use connections of their own: this one must hold no
+        lock meanwhile (journal off: its transaction has nothing to roll back) and starts a
+        new transaction afterwards."""
+        conn = self._c()
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+        try:
+            yield
+        finally:
+            conn.execute("BEGIN")
+
+    @staticmethod
+    def _insert_sql(layout: TableLayout) -> str:
+        marks = ", ".join("?" * len(layout.columns))
+        return f"INSERT INTO {_q(layout.entity)} VALUES ({marks})"
 
     async def write_rows(self, layout: TableLayout, rows: Iterable[tuple[Any, ...]]) -> int:
         """Create the entity's table and insert ``rows`` (already in the table's column
@@ -174,21 +211,29 @@ class SqliteTarget:
     def _write_sync(self, layout: TableLayout, rows: Iterable[tuple[Any, ...]]) -> int:
         conn = self._c()
         conn.execute(create_table_sql(layout, rowid=self.rowid_tables))
-        marks = ", ".join("?" * len(layout.columns))
-        cur = conn.executemany(f"INSERT INTO {_q(layout.entity)} VALUES ({marks})", rows)
+        cur = conn.executemany(self._insert_sql(layout), rows)
         return cur.rowcount
 
     async def read_digest(self, layout: TableLayout) -> StateDigest:
         return await asyncio.to_thread(self._digest_sync, layout)
 
     def _digest_sync(self, layout: TableLayout) -> StateDigest:
-        from replicator.restore.rowcodec import RowCodec
+        from replicator.restore.rowcodec import RowCodec, SqliteFailure
 
         conn = self._c()
         cols = ", ".join(_q(c.name) for c in (layout.columns[0], *layout.data_columns))
+        query = f"SELECT {cols} FROM {_q(layout.entity)}"
         d = DigestBuilder(layout.entity)
-        RowCodec(layout, "sqlite").digest_stored(
-            conn.execute(f"SELECT {cols} FROM {_q(layout.entity)}"), d)
+        codec = RowCodec(layout, "sqlite")
+        if codec.sqlite_native:  # read natively: no Python object per value
+            with self._own_connection_paused():
+                try:
+                    codec.sqlite_digest(self._tmp, query, d)
+                except SqliteFailure as exc:
+                    raise TargetError(f"{self.location}: reading {layout.entity} back: "
+                                      f"{exc}") from None
+            return d.result()
+        codec.digest_stored(conn.execute(query), d)
         return d.result()
 
     async def record(self, rec: RestoreRecord) -> None:
