@@ -14,7 +14,8 @@ help:
 	@echo "make bench  - benchmarks; writes bench/results/latest.json"
 	@echo "make clean  - remove the virtualenv and ./var (local data!)"
 
-$(STAMP): pyproject.toml setup.py replicator/restore/_fold.c replicator/restore/_rows.c
+$(STAMP): pyproject.toml setup.py replicator/restore/_fold.c replicator/restore/_rows.c \
+          replicator/restore/_rows_sqlite.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@mkdir -p var

@@ -408,3 +408,74 @@ def test_read_back_digest_of_hostile_stored_values() -> None:
     ref = DigestBuilder("thing")
     RowCodec(LAYOUT, "sqlite", use_native=False).digest_stored(iter(lite), ref)
     assert d.result() == ref.result() and d.result().count == 401
+
+
+needs_native_sqlite = pytest.mark.skipif(
+    (native is None or not hasattr(native, "sqlite_load")) and os.environ.get("CI") != "true",
+    reason="native SQLite loader not built (no SQLite headers)")
+
+
+def test_native_sqlite_is_built_in_ci() -> None:
+    if os.environ.get("CI") == "true" and not os.environ.get("REPLICATOR_NO_NATIVE"):
+        assert native is not None and hasattr(native, "sqlite_load"), \
+            "replicator.restore._rows was built without SQLite (libsqlite3-dev missing?)"
+
+
+@needs_native_sqlite
+@pytest.mark.parametrize("raw", [True, False])
+def test_native_sqlite_load_and_read_back_equal_executemany(tmp_path: Any, raw: bool) -> None:
+    """The native loader stores what executemany stores (every column, same types), its
+    digest is the reference's, and the native read-back digests like the reference; an
+    insert SQLite refuses halfway (a CHECK) fails the load with SQLite's message and leaves
+    no table behind."""
+    import sqlite3
+
+    from replicator.restore.rowcodec import SqliteFailure
+    from replicator.targets.sqlite import SqliteTarget, create_table_sql
+
+    changes = _changes(3, n=3000)  # > several chunks of the loader
+    changes.update({f"h{i}": (-1, 0, 0, i, v, None, b"") for i, v in enumerate(
+        v for v in _HOSTILE_EVENTS if _one("sqlite", v, use_native=False, raw=False)[0] == "ok")})
+    ref_rows, ref_digest = _encode("sqlite", changes, False)
+    db = tmp_path / "n.db"
+    sqlite3.connect(db).close()
+    was = native.set_raw(raw)
+    try:
+        d = DigestBuilder("thing")
+        n = RowCodec(LAYOUT, "sqlite").sqlite_load(
+            db, create_table_sql(LAYOUT), SqliteTarget._insert_sql(LAYOUT), PLAN, changes, d)
+    finally:
+        native.set_raw(was)
+    assert n == len(ref_rows) > 2500
+    assert str(d.result()) == ref_digest
+    ref_db = sqlite3.connect(tmp_path / "ref.db")
+    ref_db.execute(create_table_sql(LAYOUT))
+    ref_db.executemany(SqliteTarget._insert_sql(LAYOUT), ref_rows)
+    expected = ref_db.execute('SELECT * FROM "thing" ORDER BY key').fetchall()
+    ref_db.close()
+    conn = sqlite3.connect(db)
+    stored = conn.execute('SELECT * FROM "thing" ORDER BY key').fetchall()
+    conn.close()
+    assert stored == expected
+    assert [[type(x) for x in r] for r in stored] == [[type(x) for x in r] for r in expected]
+    cols = ", ".join(f'"{c.name}"' for c in (LAYOUT.columns[0], *LAYOUT.data_columns))
+    back = DigestBuilder("thing")
+    RowCodec(LAYOUT, "sqlite").sqlite_digest(db, f'SELECT {cols} FROM "thing"', back)
+    ref_back = DigestBuilder("thing")  # values of unexpected types may not round-trip:
+    conn = sqlite3.connect(db)         # compare with the reference's read of the same file
+    RowCodec(LAYOUT, "sqlite", use_native=False).digest_stored(
+        conn.execute(f'SELECT {cols} FROM "thing"'), ref_back)
+    conn.close()
+    assert back.result() == ref_back.result()
+    assert back.result().count == n
+
+    bad = tmp_path / "bad.db"
+    sqlite3.connect(bad).close()
+    create = create_table_sql(LAYOUT).replace('"n" INTEGER', '"n" INTEGER CHECK ("n" != 7)')
+    assert create != create_table_sql(LAYOUT)
+    with pytest.raises(SqliteFailure, match="CHECK constraint failed"):
+        RowCodec(LAYOUT, "sqlite").sqlite_load(bad, create, SqliteTarget._insert_sql(LAYOUT),
+                                               PLAN, changes, DigestBuilder("thing"))
+    conn = sqlite3.connect(bad)
+    assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+    conn.close()

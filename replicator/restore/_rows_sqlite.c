@@ -10,8 +10,8 @@
  * sqlite_digest: the rows of a table read back through a connection of its own -> the
  *                target side of the state digest, without a Python object per value.
  *
- * The GIL is let go every YIELD_ROWS rows, so the event
- * loop thread keeps running while a table loads.
+ * The loader inserts on a thread of its own (see below); the reader lets the GIL go every
+ * YIELD_ROWS rows, so the event loop thread keeps running.
  */
 #include <sqlite3.h>
 
@@ -53,69 +53,232 @@ static sqlite3 *sq_open(const char *path, int flags) {
     return db;
 }
 
-/* one insert, with the GIL held (SQLite calls no Python here); the caller lets other
- * threads run every YIELD_ROWS rows instead of releasing the GIL per row */
-static int sq_step_done(sqlite3 *db, sqlite3_stmt *st) {
-    int rc = sqlite3_step(st);
-    sqlite3_reset(st);
-    if (rc != SQLITE_DONE) return sq_error(db, rc, "insert");
+/* -- the loader: conversion on the calling thread, inserts on a thread of their own ----
+ *
+ * The calling thread (holding the GIL) parses each event and writes its bind-ready values
+ * into a chunk; a second thread (no Python at all) binds and steps the chunks' rows, so
+ * parsing and SQLite's B-tree work overlap on two cores. At most QDEPTH chunks wait
+ * (bounded memory). Either side's failure stops both: the inserter's message becomes a
+ * SqliteError, the converter's exception is raised as it is; the transaction is then
+ * rolled back by closing the connection. Chunks live in malloc'd memory (freed by the
+ * inserter without the GIL). */
+
+#include <pthread.h>
+
+enum { QDEPTH = 4, CHUNK_ROWS = 512 };
+enum { V_NULL = 'N', V_INT = 'I', V_REAL = 'D', V_TEXT = 'T', V_BLOB = 'B' };
+
+typedef struct { char *p; size_t len, cap, rows; } chunk_t;
+
+static int ck_reserve(chunk_t *c, size_t more) {
+    if (c->len + more <= c->cap) return 0;
+    size_t cap = c->cap ? c->cap : (size_t)1 << 18;
+    while (cap < c->len + more) cap *= 2;
+    char *p = realloc(c->p, cap);
+    if (p == NULL) { PyErr_NoMemory(); return -1; }
+    c->p = p;
+    c->cap = cap;
     return 0;
 }
 
-/* bind the raw-parsed row (the SQLite target's stored forms, see sqlite.py) */
-static int sq_bind_raw(sqlite3 *db, sqlite3_stmt *st, raw_ctx *c, const char *key,
-                       Py_ssize_t keyn, const jv_t *version, const jv_t *ts,
-                       const tm_t *ts_tm, const char *topic, Py_ssize_t topicn,
-                       long long part, long long off) {
-    int col = 1, rc = sqlite3_bind_text(st, col++, key, (int)keyn, SQLITE_STATIC);
-    char buf[32];
-    for (Py_ssize_t i = 0; rc == SQLITE_OK && i < c->ncols; i++, col++) {
-        cv_t *x = &c->cv[i];
-        if (x->type == 0) { rc = sqlite3_bind_null(st, col); continue; }
-        switch (c->kinds[i]) {
-        case K_TEXT: rc = sqlite3_bind_text(st, col, (const char *)x->p, (int)x->n,
-                                            SQLITE_STATIC); break;
-        case K_TS: tm_format(&x->t, buf);
-            rc = sqlite3_bind_text(st, col, buf, 27, SQLITE_TRANSIENT); break;
-        case K_BIGINT: rc = sqlite3_bind_int64(st, col, x->i); break;
-        case K_DOUBLE: rc = sqlite3_bind_double(st, col, x->d); break;
-        case K_BOOL: rc = sqlite3_bind_int(st, col, x->type == J_TRUE); break;
-        case K_JSONB: rc = sqlite3_bind_text(st, col, c->canon.p + x->jc, (int)x->jcn,
-                                             SQLITE_STATIC); break;
-        default: rc = SQLITE_MISUSE;
-        }
-    }
-    if (rc == SQLITE_OK) {
-        if (version->type == J_INT) {
-            long long v;
-            parse_int(version->p, version->n, &v);
-            rc = sqlite3_bind_int64(st, col++, v);
-        } else {
-            rc = sqlite3_bind_null(st, col++);
-        }
-    }
-    if (rc == SQLITE_OK) rc = sqlite3_bind_text(st, col++, topic, (int)topicn, SQLITE_STATIC);
-    if (rc == SQLITE_OK) rc = sqlite3_bind_int64(st, col++, part);
-    if (rc == SQLITE_OK) rc = sqlite3_bind_int64(st, col++, off);
-    if (rc == SQLITE_OK) {
-        if (ts->type == J_STR) {
-            tm_format(ts_tm, buf);
-            rc = sqlite3_bind_text(st, col, buf, 27, SQLITE_TRANSIENT);
-        } else {
-            rc = sqlite3_bind_null(st, col);
-        }
-    }
-    return rc == SQLITE_OK ? 0 : sq_error(db, rc, "bind");
+static int ck_null(chunk_t *c) {
+    if (ck_reserve(c, 1) < 0) return -1;
+    c->p[c->len++] = V_NULL;
+    return 0;
 }
 
-/* bind a row of Python values as the sqlite3 module would (None, int, float, str, bytes) */
-static int sq_bind_py(sqlite3 *db, sqlite3_stmt *st, PyObject *row) {
+static int ck_num(chunk_t *c, char tag, const void *v8) {
+    if (ck_reserve(c, 9) < 0) return -1;
+    c->p[c->len++] = tag;
+    memcpy(c->p + c->len, v8, 8);
+    c->len += 8;
+    return 0;
+}
+
+static int ck_int(chunk_t *c, long long v) { return ck_num(c, V_INT, &v); }
+static int ck_real(chunk_t *c, double v) { return ck_num(c, V_REAL, &v); }
+
+static int ck_bytes(chunk_t *c, char tag, const char *p, Py_ssize_t n) {
+    if (n > INT32_MAX) { PyErr_SetString(PyExc_OverflowError, "value too long"); return -1; }
+    if (ck_reserve(c, 5 + (size_t)n) < 0) return -1;
+    uint32_t m = (uint32_t)n;
+    c->p[c->len++] = tag;
+    memcpy(c->p + c->len, &m, 4);
+    memcpy(c->p + c->len + 4, p, (size_t)n);
+    c->len += 4 + (size_t)n;
+    return 0;
+}
+
+typedef struct {
+    sqlite3 *db;
+    sqlite3_stmt *st;
+    int nvals;
+    pthread_t thread;
+    int started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    chunk_t q[QDEPTH];
+    int head, count, done, stop, failed;
+    char err[512];
+} loader_t;
+
+/* bind and step every row of the chunk; 0 ok, else SQLite's message in L->err */
+static int insert_chunk(loader_t *L, const chunk_t *ck) {
+    const char *p = ck->p;
+    for (size_t r = 0; r < ck->rows; r++) {
+        int rc = SQLITE_OK;
+        for (int col = 1; col <= L->nvals; col++) {
+            char tag = *p++;
+            if (tag == V_NULL) {
+                if (rc == SQLITE_OK) rc = sqlite3_bind_null(L->st, col);
+            } else if (tag == V_INT || tag == V_REAL) {
+                if (rc == SQLITE_OK && tag == V_INT) {
+                    long long v;
+                    memcpy(&v, p, 8);
+                    rc = sqlite3_bind_int64(L->st, col, v);
+                } else if (rc == SQLITE_OK) {
+                    double v;
+                    memcpy(&v, p, 8);
+                    rc = sqlite3_bind_double(L->st, col, v);
+                }
+                p += 8;
+            } else {
+                uint32_t n;
+                memcpy(&n, p, 4);
+                p += 4;
+                if (rc == SQLITE_OK)
+                    rc = tag == V_TEXT
+                        ? sqlite3_bind_text(L->st, col, p, (int)n, SQLITE_STATIC)
+                        : sqlite3_bind_blob(L->st, col, p, (int)n, SQLITE_STATIC);
+                p += n;
+            }
+        }
+        if (rc == SQLITE_OK) {
+            rc = sqlite3_step(L->st);
+            if (rc == SQLITE_DONE) rc = SQLITE_OK;
+        }
+        sqlite3_reset(L->st);
+        if (rc != SQLITE_OK) {
+            snprintf(L->err, sizeof L->err, "insert: %s", sqlite3_errmsg(L->db));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void *inserter_main(void *arg) {
+    loader_t *L = arg;
+    for (;;) {
+        pthread_mutex_lock(&L->mu);
+        while (L->count == 0 && !L->done && !L->stop) pthread_cond_wait(&L->cv, &L->mu);
+        if (L->stop || L->count == 0) { /* stopped, or done and drained */
+            pthread_mutex_unlock(&L->mu);
+            return NULL;
+        }
+        chunk_t ck = L->q[L->head];
+        L->head = (L->head + 1) % QDEPTH;
+        L->count--;
+        pthread_cond_broadcast(&L->cv);
+        pthread_mutex_unlock(&L->mu);
+        int bad = insert_chunk(L, &ck) < 0;
+        free(ck.p);
+        if (bad) {
+            pthread_mutex_lock(&L->mu);
+            L->failed = L->stop = 1;
+            pthread_cond_broadcast(&L->cv);
+            pthread_mutex_unlock(&L->mu);
+            return NULL;
+        }
+    }
+}
+
+/* hand the chunk to the inserter (waiting, without the GIL, while QDEPTH chunks wait);
+ * -1 when the inserter has failed (SqliteError set) */
+static int loader_push(loader_t *L, chunk_t *ck) {
+    int stopped;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&L->mu);
+    while (L->count == QDEPTH && !L->stop) pthread_cond_wait(&L->cv, &L->mu);
+    stopped = L->stop;
+    if (!stopped) {
+        L->q[(L->head + L->count) % QDEPTH] = *ck;
+        L->count++;
+        pthread_cond_broadcast(&L->cv);
+    }
+    pthread_mutex_unlock(&L->mu);
+    Py_END_ALLOW_THREADS
+    if (stopped) {
+        free(ck->p);
+        PyErr_Format(SqliteError, "%s", L->err);
+    }
+    memset(ck, 0, sizeof *ck);
+    return stopped ? -1 : 0;
+}
+
+/* let the inserter drain (ok) or stop it; joined on return. -1 when it failed (SqliteError
+ * set unless an error is already set) */
+static int loader_finish(loader_t *L, int ok) {
+    if (!L->started) return 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&L->mu);
+    if (ok) L->done = 1;
+    else L->stop = 1;
+    pthread_cond_broadcast(&L->cv);
+    pthread_mutex_unlock(&L->mu);
+    pthread_join(L->thread, NULL);
+    Py_END_ALLOW_THREADS
+    L->started = 0;
+    for (int i = 0; i < L->count; i++) free(L->q[(L->head + i) % QDEPTH].p);
+    L->count = 0;
+    if (L->failed) {
+        if (!PyErr_Occurred()) PyErr_Format(SqliteError, "%s", L->err);
+        return -1;
+    }
+    return 0;
+}
+
+/* the raw-parsed row's values (the SQLite target's stored forms, see sqlite.py) */
+static int ck_raw_row(chunk_t *ck, raw_ctx *c, const char *key, Py_ssize_t keyn,
+                      const jv_t *version, const jv_t *ts, const tm_t *ts_tm,
+                      const char *topic, Py_ssize_t topicn, long long part, long long off) {
+    char buf[32];
+    if (ck_bytes(ck, V_TEXT, key, keyn) < 0) return -1;
+    for (Py_ssize_t i = 0; i < c->ncols; i++) {
+        cv_t *x = &c->cv[i];
+        int bad;
+        if (x->type == 0) { bad = ck_null(ck); }
+        else switch (c->kinds[i]) {
+        case K_TEXT: bad = ck_bytes(ck, V_TEXT, (const char *)x->p, x->n); break;
+        case K_TS: tm_format(&x->t, buf); bad = ck_bytes(ck, V_TEXT, buf, 27); break;
+        case K_BIGINT: bad = ck_int(ck, x->i); break;
+        case K_DOUBLE: bad = ck_real(ck, x->d); break;
+        case K_BOOL: bad = ck_int(ck, x->type == J_TRUE); break;
+        case K_JSONB: bad = ck_bytes(ck, V_TEXT, c->canon.p + x->jc, x->jcn); break;
+        default: PyErr_SetString(PyExc_ValueError, "unknown column kind"); bad = -1;
+        }
+        if (bad < 0) return -1;
+    }
+    long long v = 0;
+    if (version->type == J_INT) parse_int(version->p, version->n, &v);
+    if ((version->type == J_INT ? ck_int(ck, v) : ck_null(ck)) < 0 ||
+        ck_bytes(ck, V_TEXT, topic, topicn) < 0 || ck_int(ck, part) < 0 || ck_int(ck, off) < 0)
+        return -1;
+    if (ts->type == J_STR) {
+        tm_format(ts_tm, buf);
+        return ck_bytes(ck, V_TEXT, buf, 27);
+    }
+    return ck_null(ck);
+}
+
+/* a row of Python values as the sqlite3 module would bind them (None, int, float, str,
+ * bytes) */
+static int ck_py_row(chunk_t *ck, PyObject *row) {
     Py_ssize_t n = PyTuple_GET_SIZE(row);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *v = PyTuple_GET_ITEM(row, i);
-        int rc, col = (int)i + 1;
+        int bad;
         if (v == Py_None) {
-            rc = sqlite3_bind_null(st, col);
+            bad = ck_null(ck);
         } else if (PyLong_Check(v)) {
             int overflow;
             long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
@@ -125,24 +288,22 @@ static int sq_bind_py(sqlite3 *db, sqlite3_stmt *st, PyObject *row) {
                 return -1;
             }
             if (x == -1 && PyErr_Occurred()) return -1;
-            rc = sqlite3_bind_int64(st, col, x);
+            bad = ck_int(ck, x);
         } else if (PyFloat_Check(v)) {
-            rc = sqlite3_bind_double(st, col, PyFloat_AS_DOUBLE(v));
+            bad = ck_real(ck, PyFloat_AS_DOUBLE(v));
         } else if (PyUnicode_Check(v)) {
             Py_ssize_t len;
             const char *u = PyUnicode_AsUTF8AndSize(v, &len);
             if (u == NULL) return -1;
-            rc = sqlite3_bind_text64(st, col, u, (sqlite3_uint64)len, SQLITE_TRANSIENT,
-                                     SQLITE_UTF8);
+            bad = ck_bytes(ck, V_TEXT, u, len);
         } else if (PyBytes_Check(v)) {
-            rc = sqlite3_bind_blob64(st, col, PyBytes_AS_STRING(v),
-                                     (sqlite3_uint64)PyBytes_GET_SIZE(v), SQLITE_TRANSIENT);
+            bad = ck_bytes(ck, V_BLOB, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
         } else {
-            PyErr_Format(PyExc_TypeError, "column %d: type '%s' is not supported", col,
+            PyErr_Format(PyExc_TypeError, "column %zd: type '%s' is not supported", i + 1,
                          Py_TYPE(v)->tp_name);
             return -1;
         }
-        if (rc != SQLITE_OK) return sq_error(db, rc, "bind");
+        if (bad < 0) return -1;
     }
     return 0;
 }
@@ -171,6 +332,11 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
     sqlite3_stmt *st = NULL;
     u128 acc = 0;
     Py_ssize_t count = 0, pending = 0;
+    loader_t L;
+    memset(&L, 0, sizeof L);
+    pthread_mutex_init(&L.mu, NULL);
+    pthread_cond_init(&L.cv, NULL);
+    chunk_t ck = {NULL, 0, 0, 0};
     if (parse_kinds(kinds_t, kinds, ncols) < 0) goto fail;
     if (raw_ctx_init(&rc, names, kinds, ncols) < 0) goto fail;
     rc_ok = 1;
@@ -186,6 +352,14 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "sqlite_load: the insert takes every column");
         goto fail;
     }
+    L.db = db;
+    L.st = st;
+    L.nvals = (int)ncols + 6;
+    if (pthread_create(&L.thread, NULL, inserter_main, &L) != 0) {
+        PyErr_SetString(PyExc_OSError, "sqlite_load: cannot start the inserter thread");
+        goto fail;
+    }
+    L.started = 1;
     Py_ssize_t nkeys = PyList_GET_SIZE(keys);
     PyObject *next = nkeys ? PyDict_GetItemWithError(changes, PyList_GET_ITEM(keys, 0)) : NULL;
     for (Py_ssize_t i = 0; i < nkeys; i++) {
@@ -211,10 +385,6 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
                 __builtin_prefetch(d + 128);
             }
         }
-        if (i % YIELD_ROWS == YIELD_ROWS - 1) { /* let the event loop thread run */
-            Py_BEGIN_ALLOW_THREADS
-            Py_END_ALLOW_THREADS
-        }
         PyObject *value = PyTuple_GET_ITEM(ch, 4);
         if (value == Py_None) continue; /* a tombstone */
         Py_ssize_t rank = PyLong_AsSsize_t(PyTuple_GET_ITEM(ch, 2));
@@ -234,6 +404,7 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
                           PyBytes_GET_SIZE(value), &version, &ts, &ts_tm, h);
             if (r < 0) goto fail;
         }
+        size_t mark = ck.len;
         if (r == 1) {
             Py_ssize_t keyn, topicn;
             const char *k = PyUnicode_AsUTF8AndSize(key, &keyn);
@@ -241,8 +412,10 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
             long long pa = PyLong_AsLongLong(partition), of = PyLong_AsLongLong(offset);
             if (t == NULL || PyErr_Occurred()) goto fail;
             if (raw_digest(&rc, k, keyn, h, &acc) < 0 ||
-                sq_bind_raw(db, st, &rc, k, keyn, &version, &ts, &ts_tm, t, topicn, pa, of) < 0)
+                ck_raw_row(&ck, &rc, k, keyn, &version, &ts, &ts_tm, t, topicn, pa, of) < 0) {
+                ck.len = mark;
                 goto fail;
+            }
         } else {
             PyObject *row = NULL, *canon = NULL;
             int f = fast_row(key, value, topic, partition, offset, names, kinds, ncols,
@@ -263,13 +436,14 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
                 canon = Py_NewRef(PyTuple_GET_ITEM(res, 1));
                 Py_DECREF(res);
             }
-            int bad = digest_add(canon, h, &acc) < 0 || sq_bind_py(db, st, row) < 0;
+            int bad = digest_add(canon, h, &acc) < 0 || ck_py_row(&ck, row) < 0;
             Py_DECREF(row);
             Py_DECREF(canon);
-            if (bad) goto fail;
+            if (bad) { ck.len = mark; goto fail; }
         }
-        if (sq_step_done(db, st) < 0) goto fail;
+        ck.rows++;
         count++;
+        if (ck.rows == CHUNK_ROWS && loader_push(&L, &ck) < 0) goto fail;
         if (++pending == 10000 && progress != Py_None) {
             PyObject *res = PyObject_CallFunction(progress, "n", pending);
             if (res == NULL) goto fail;
@@ -277,6 +451,8 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
             pending = 0;
         }
     }
+    if (ck.rows && loader_push(&L, &ck) < 0) goto fail;
+    if (loader_finish(&L, 1) < 0) goto fail;
     sqlite3_finalize(st);
     st = NULL;
     if (sq_exec(db, "COMMIT") < 0) goto fail;
@@ -289,10 +465,17 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
         if (res == NULL) goto fail;
         Py_DECREF(res);
     }
+    pthread_mutex_destroy(&L.mu);
+    pthread_cond_destroy(&L.cv);
     raw_ctx_free(&rc);
     PyMem_Free(kinds);
     return sum_result(count, acc, NULL);
 fail:
+    loader_finish(&L, 0); /* keeps the error already set */
+    for (int i = 0; i < L.count; i++) free(L.q[(L.head + i) % QDEPTH].p);
+    free(ck.p);
+    pthread_mutex_destroy(&L.mu);
+    pthread_cond_destroy(&L.cv);
     sqlite3_finalize(st);
     if (db != NULL) sqlite3_close(db); /* an open transaction is rolled back */
     if (rc_ok) raw_ctx_free(&rc);
