@@ -421,14 +421,26 @@ static inline const char *ks_bytes(const keyset_t *k, const ks_slot *s) {
     return s->len <= KS_INLINE ? s->u.bytes : k->arena + s->u.off;
 }
 
+/* start loading the slot where a lookup of hash h begins (a later ks_lookup_h then finds
+ * it in the cache: probes of a table far larger than the caches overlap) */
+static inline void ks_prefetch(const keyset_t *k, uint64_t h) {
+    __builtin_prefetch(&k->slots[(size_t)h & (k->cap - 1)]);
+}
+
+static int ks_lookup_h(keyset_t *k, const char *p, Py_ssize_t n, uint64_t h, int add);
+
 /* 1 if present; 0 if absent (and then added when `add`); -1 on memory error */
 static int ks_lookup(keyset_t *k, const char *p, Py_ssize_t n, int add) {
+    return ks_lookup_h(k, p, n, ks_hash(p, n), add);
+}
+
+/* ks_lookup with the key's ks_hash already computed */
+static int ks_lookup_h(keyset_t *k, const char *p, Py_ssize_t n, uint64_t h, int add) {
     if ((uint64_t)n > UINT32_MAX) { /* never for a framed record; no GIL needed when !add */
         if (!add) return 0;
         PyErr_SetString(PyExc_OverflowError, "key too long");
         return -1;
     }
-    uint64_t h = ks_hash(p, n);
     size_t mask = k->cap - 1, i = (size_t)h & mask;
     for (;;) {
         ks_slot *s = &k->slots[i];
@@ -476,9 +488,13 @@ static int ks_lookup(keyset_t *k, const char *p, Py_ssize_t n, int add) {
 
 typedef struct {
     head_t h;
+    uint64_t hash; /* ks_hash of h.key when fast */
     int fast; /* h is valid */
     int cand; /* may decide its key (passes the filters, key not decided before) */
 } rec_t;
+
+/* records ahead whose slot is prefetched during the decided-key lookups of pass 2 */
+#define KS_AHEAD 8
 
 /* fold_block_latest(raw, lo, hi, cut_ms, rank, out, keys, keep_record, odd) -> n
  *
@@ -561,6 +577,7 @@ static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
         recs = malloc(nrec * sizeof(rec_t));
         if (recs == NULL) err = "out of memory";
     }
+    /* 2a: scan each record's envelope (sequential reads of the payload) */
     for (Py_ssize_t ri = nrec - 1; err == NULL && ri >= 0; ri--) {
         rec_t *rec = &recs[ri];
         const unsigned char *r = raw + starts[ri];
@@ -568,13 +585,26 @@ static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
         int32_t klen = rd_i32(r + 17), vlen = rd_i32(r + 21);
         Py_ssize_t vpos = starts[ri] + REC_HEADER + (klen > 0 ? klen : 0);
         rec->cand = 0;
+        rec->fast = 0;
         if (off < lo || off >= hi || vlen < 0) continue;
         if (has_cut && ts > cut_ms) continue;
         n++;
+        rec->cand = 1;
         rec->fast = scan_head((const char *)raw + vpos, vlen, &rec->h);
-        /* decided already? (the raw bytes of an escape-free key are its UTF-8) */
-        rec->cand = !(rec->fast && seen != NULL &&
-                      ks_lookup(seen, rec->h.key, rec->h.key_len, 0) == 1);
+        if (rec->fast && seen != NULL) rec->hash = ks_hash(rec->h.key, rec->h.key_len);
+    }
+    /* 2b: decided already? (the raw bytes of an escape-free key are its UTF-8) The slots
+     * of the records KS_AHEAD further on are loaded meanwhile: random probes of a large
+     * table, overlapped instead of one after another. */
+    if (err == NULL && seen != NULL) {
+        for (Py_ssize_t ri = nrec - 1; ri >= 0; ri--) {
+            if (ri - KS_AHEAD >= 0 && recs[ri - KS_AHEAD].fast)
+                ks_prefetch(seen, recs[ri - KS_AHEAD].hash);
+            rec_t *rec = &recs[ri];
+            if (rec->cand && rec->fast &&
+                ks_lookup_h(seen, rec->h.key, rec->h.key_len, rec->hash, 0) == 1)
+                rec->cand = 0;
+        }
     }
     Py_END_ALLOW_THREADS
     if (err != NULL) {
@@ -600,15 +630,24 @@ static PyObject *fold_block_latest(PyObject *Py_UNUSED(self), PyObject *args) {
         PyObject *key = NULL, *version = NULL;
         int is_delete;
         int fast = rec->fast;
-        if (fast && seen != NULL && ks_lookup(seen, h.key, h.key_len, 0) == 1)
+        if (fast && seen != NULL && ks_lookup_h(seen, h.key, h.key_len, rec->hash, 0) == 1)
             continue; /* decided by a newer record of this block */
+        int fastkey = 0; /* key decoded from h.key (whose hash is rec->hash) */
         if (fast && (key = PyUnicode_DecodeUTF8(h.key, h.key_len, NULL)) != NULL) {
             is_delete = h.is_delete;
+            fastkey = 1;
         } else if (call_odd(odd, raw + vpos, vlen, off, &key, &is_delete, &version) < 0) {
             goto done;
         }
-        int seen_key = PyDict_Contains(out, key);
-        if (seen_key == 0 && seen != NULL) {
+        int seen_key;
+        if (fastkey && seen != NULL) {
+            /* `seen` holds every key of `out` (each is added here before it is stored):
+             * one insertion instead of a dict probe and a second set lookup */
+            seen_key = ks_lookup_h(seen, h.key, h.key_len, rec->hash, 1);
+        } else {
+            seen_key = PyDict_Contains(out, key);
+        }
+        if (seen_key == 0 && seen != NULL && !fastkey) {
             Py_ssize_t kn;
             const char *kp = PyUnicode_Check(key) ? PyUnicode_AsUTF8AndSize(key, &kn) : NULL;
             if (kp == NULL) {
