@@ -262,3 +262,27 @@ def test_decided_key_set_tells_colliding_keys_apart() -> None:
         _fold.set_keyset_hash_bits(64)
     assert len(want) > 1500
     assert got == want
+
+
+@needs_native
+def test_native_merge_changes_equals_the_reference() -> None:
+    """replay's cross-partition merge: the native loop keeps what the Python loop keeps,
+    ties and huge versions (beyond 64 bits: compared by the reference `beats`) included."""
+    from replicator.restore.foldblock import _merge_changes_py, merge_changes
+    from replicator.restore.replay import _beats
+
+    assert merge_changes is not _merge_changes_py
+    rng = random.Random(8)
+    for _ in range(20):
+        keys = [f"k{i}" for i in range(300)]
+        def change(rank: int) -> tuple[Any, ...]:
+            version = rng.choice([-1, 0, 1, 2, 2**70, -(2**70)])
+            return (version, rng.choice([5, 6]), rank, rng.randint(0, 9),
+                    rng.choice([b"v", None]), None, b"")
+        merged = {k: change(0) for k in rng.sample(keys, 200)}
+        local = {k: change(1) for k in rng.sample(keys, 200)}
+        a, b = dict(merged), dict(merged)
+        _merge_changes_py(a, local, _beats)
+        merge_changes(b, local, _beats)
+        assert a == b
+        assert all(a[k] is b[k] for k in a)

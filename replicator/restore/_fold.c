@@ -717,6 +717,51 @@ done:
     return result;
 }
 
+/* -- merge_changes: the cross-partition merge of replay -------------------------------- */
+
+/* a change's (version, ts, rank) as integers: 1, else 0 (not plain: the caller's `beats`) */
+static int change_rank(PyObject *t, long long v[3]) {
+    if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) < 3) return 0;
+    for (int i = 0; i < 3; i++) {
+        PyObject *x = PyTuple_GET_ITEM(t, i);
+        if (!PyLong_CheckExact(x)) return 0;
+        int overflow;
+        v[i] = PyLong_AsLongLongAndOverflow(x, &overflow);
+        if (overflow || (v[i] == -1 && PyErr_Occurred())) { PyErr_Clear(); return 0; }
+    }
+    return 1;
+}
+
+/* merge_changes(merged, local, beats) -> None: for each key of `local`, its change goes
+ * into `merged` when `merged` has none or beats(change, current) -- replay's loop, with
+ * (version, ts, rank) compared here when they are plain integers */
+static PyObject *merge_changes(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *merged, *local, *beats;
+    if (!PyArg_ParseTuple(args, "O!O!O", &PyDict_Type, &merged, &PyDict_Type, &local, &beats))
+        return NULL;
+    Py_ssize_t pos = 0;
+    PyObject *key, *change;
+    while (PyDict_Next(local, &pos, &key, &change)) {
+        PyObject *cur = PyDict_GetItemWithError(merged, key);
+        if (cur == NULL && PyErr_Occurred()) return NULL;
+        int take = cur == NULL;
+        if (!take) {
+            long long a[3], b[3];
+            if (change_rank(change, a) && change_rank(cur, b)) {
+                take = a[0] != b[0] ? a[0] > b[0] : a[1] != b[1] ? a[1] > b[1] : a[2] > b[2];
+            } else {
+                PyObject *r = PyObject_CallFunctionObjArgs(beats, change, cur, NULL);
+                if (r == NULL) return NULL;
+                take = PyObject_IsTrue(r);
+                Py_DECREF(r);
+                if (take < 0) return NULL;
+            }
+        }
+        if (take && PyDict_SetItem(merged, key, change) < 0) return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"fold_block", fold_block, METH_VARARGS,
      "fold_block(raw, lo, hi, cut_ms, stop_ms, rank, out, keys, keep_record, last_hdr, "
@@ -728,6 +773,8 @@ static PyMethodDef methods[] = {
     {"fold_block_latest", fold_block_latest, METH_VARARGS,
      "fold_block_latest(raw, lo, hi, cut_ms, rank, out, keys, keep_record, odd) -> n; "
      "see foldblock.py"},
+    {"merge_changes", merge_changes, METH_VARARGS,
+     "merge_changes(merged, local, beats) -> None; see replay.py"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -208,6 +208,21 @@ native_fold_block_latest: FoldLatest | None = (
 fold_block_latest: FoldLatest = native_fold_block_latest or fold_block_latest_py
 
 
+def _merge_changes_py(merged: dict[str, Any], local: dict[str, Any],
+                      beats: Callable[[Any, Any], bool]) -> None:
+    for key, change in local.items():
+        cur = merged.get(key)
+        if cur is None or beats(change, cur):
+            merged[key] = change
+
+
+#: replay's cross-partition merge: for each key of ``local``, its change goes into
+#: ``merged`` when ``merged`` has none or ``beats(change, current)`` (native when built)
+merge_changes: Callable[[dict[str, Any], dict[str, Any], Callable[[Any, Any], bool]], None] = (
+    _merge_changes_py if native_fold_block is None
+    else getattr(_fold_mod(), "merge_changes", _merge_changes_py))
+
+
 def new_keyset() -> Any:
     """A ``seen`` set for one newest-first fold (``None`` on the reference path)."""
     if native_fold_block_latest is None:

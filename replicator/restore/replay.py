@@ -37,6 +37,7 @@ from replicator.restore.foldblock import (
     decode_head,
     fold_block,
     fold_block_latest,
+    merge_changes,
     new_keyset,
 )
 from replicator.restore.planner import PartitionPlan, RestorePlan, SegmentInfo
@@ -320,10 +321,7 @@ def replay(
             state[pp.entity] = local  # the first partition's dict becomes the entity's
             folded[rank] = ({}, own)
             continue
-        for key, change in local.items():
-            cur = merged.get(key)
-            if cur is None or _beats(change, cur):
-                merged[key] = change
+        merge_changes(merged, local, _beats)
     return state
 
 
