@@ -479,3 +479,22 @@ def test_native_sqlite_load_and_read_back_equal_executemany(tmp_path: Any, raw: 
     conn = sqlite3.connect(bad)
     assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
     conn.close()
+
+
+@needs_native
+def test_sort_changes_orders_like_sorted() -> None:
+    """The native key order is sorted()'s (code points), for keys that share long prefixes,
+    hold NUL, non-ASCII and astral characters; keys it cannot encode leave it to sorted()."""
+    rng = random.Random(12)
+    alphabet = ["a", "b", "\x00", "é", "日", "\U0001f600", "z", "0"]
+    keys = {"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)}
+    keys |= {"x" * 16 + s for s in ["", "\x00", "a", "\x00a", "é"]}
+    keys |= {"x" * 15 + s for s in ["", "\x00", "a", "aa"]}
+    changes = {k: (i, 0, 0, i, b"v", None, b"") for i, k in enumerate(keys)}
+    got = native.sort_changes(changes)
+    assert got is not None
+    assert got[0] == sorted(changes)
+    assert got[1] == [changes[k] for k in got[0]]
+    assert native.sort_changes({"a": 1, "\ud800": 2}) is None
+    assert native.sort_changes({"a": 1, 5: 2}) is None
+    assert native.sort_changes({}) == ([], [])

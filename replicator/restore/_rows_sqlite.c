@@ -308,17 +308,21 @@ static int ck_py_row(chunk_t *ck, PyObject *row) {
     return 0;
 }
 
-/* sqlite_load(path, create_sql, insert_sql, names, kinds, keys, changes, parts, helpers,
- * progress) -> (count, hi, lo) */
+/* sqlite_load(path, create_sql, insert_sql, names, kinds, keys, changes of those keys,
+ * parts, helpers, progress) -> (count, hi, lo) */
 static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
     const char *path, *create_sql, *insert_sql;
-    PyObject *names, *kinds_t, *keys, *changes, *parts, *helpers, *progress;
+    PyObject *names, *kinds_t, *keys, *values, *parts, *helpers, *progress;
     if (!PyArg_ParseTuple(args, "sssO!O!O!O!O!O!O", &path, &create_sql, &insert_sql,
                           &PyTuple_Type, &names, &PyTuple_Type, &kinds_t, &PyList_Type, &keys,
-                          &PyDict_Type, &changes, &PyList_Type, &parts, &PyTuple_Type,
+                          &PyList_Type, &values, &PyList_Type, &parts, &PyTuple_Type,
                           &helpers, &progress))
         return NULL;
     Py_ssize_t ncols = PyTuple_GET_SIZE(names);
+    if (PyList_GET_SIZE(values) != PyList_GET_SIZE(keys)) {
+        PyErr_SetString(PyExc_ValueError, "sqlite_load: one change per key");
+        return NULL;
+    }
     if (PyTuple_GET_SIZE(kinds_t) != ncols || PyTuple_GET_SIZE(helpers) != H_COUNT) {
         PyErr_SetString(PyExc_ValueError, "sqlite_load: bad spec");
         return NULL;
@@ -361,25 +365,21 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     L.started = 1;
     Py_ssize_t nkeys = PyList_GET_SIZE(keys);
-    PyObject *next = nkeys ? PyDict_GetItemWithError(changes, PyList_GET_ITEM(keys, 0)) : NULL;
+    enum { AHEAD = 4 };
     for (Py_ssize_t i = 0; i < nkeys; i++) {
         PyObject *key = PyList_GET_ITEM(keys, i);
-        PyObject *ch = next; /* looked up one row ahead (borrowed: the dict is not changed) */
-        if (ch == NULL) {
-            if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key);
-            goto fail;
-        }
+        PyObject *ch = PyList_GET_ITEM(values, i);
         if (!PyTuple_Check(ch) || PyTuple_GET_SIZE(ch) < 5) {
             PyErr_SetString(PyExc_TypeError, "sqlite_load: a change is a tuple");
             goto fail;
         }
-        next = NULL;
-        if (i + 1 < nkeys) { /* the next event's first bytes while this one is parsed */
-            next = PyDict_GetItemWithError(changes, PyList_GET_ITEM(keys, i + 1));
-            if (next == NULL && PyErr_Occurred()) goto fail;
-            if (next != NULL && PyTuple_Check(next) && PyTuple_GET_SIZE(next) >= 5 &&
-                PyBytes_CheckExact(PyTuple_GET_ITEM(next, 4))) {
-                const char *d = PyBytes_AS_STRING(PyTuple_GET_ITEM(next, 4));
+        /* the changes sit in memory in replay order: prefetch ahead of the parse */
+        if (i + 2 * AHEAD < nkeys) __builtin_prefetch(PyList_GET_ITEM(values, i + 2 * AHEAD));
+        if (i + AHEAD < nkeys) {
+            PyObject *nx = PyList_GET_ITEM(values, i + AHEAD);
+            if (PyTuple_Check(nx) && PyTuple_GET_SIZE(nx) >= 5 &&
+                PyBytes_CheckExact(PyTuple_GET_ITEM(nx, 4))) {
+                const char *d = PyBytes_AS_STRING(PyTuple_GET_ITEM(nx, 4));
                 __builtin_prefetch(d);
                 __builtin_prefetch(d + 64);
                 __builtin_prefetch(d + 128);

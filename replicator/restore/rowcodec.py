@@ -157,17 +157,26 @@ class RowCodec:
         if self.native is None:
             yield from self._rows(event_rows(self.layout, plan, changes, digest, progress))
             return
-        keys = sorted(changes)
+        keys, values = self._in_key_order(changes)
         parts = [(p.topic, p.partition) for p in plan.partitions]
         encode = self.native.encode_chunk
         tcode = _TARGET_CODES[self.target]
         for i in range(0, len(keys), CHUNK):
             rows, n, hi, lo = encode(self._names, self._kinds, tcode, keys[i : i + CHUNK],
-                                     changes, parts, self._helpers)
+                                     values[i : i + CHUNK], parts, self._helpers)
             digest.add_sum(n, (hi << 64) | lo)
             yield from rows
             if progress is not None and n:
                 progress(n)
+
+    def _in_key_order(self, changes: dict[str, Change]) -> tuple[list[str], list[Change]]:
+        """The keys in key order (code point order, as ``sorted``) and their changes."""
+        if self.native is not None:
+            both = self.native.sort_changes(changes)
+            if both is not None:
+                return both  # type: ignore[no-any-return]
+        keys = sorted(changes)
+        return keys, [changes[k] for k in keys]
 
     @property
     def sqlite_native(self) -> bool:
@@ -186,11 +195,11 @@ class RowCodec:
         nat = self.native
         if nat is None or not self.sqlite_native:
             raise ValueError("the native SQLite loader is not built")
-        keys = sorted(changes)
+        keys, values = self._in_key_order(changes)
         parts = [(p.topic, p.partition) for p in plan.partitions]
         try:
             n, hi, lo = nat.sqlite_load(str(path), create_sql, insert_sql, self._names,
-                                        self._kinds, keys, changes, parts, self._helpers,
+                                        self._kinds, keys, values, parts, self._helpers,
                                         progress)
         except nat.SqliteError as exc:
             raise SqliteFailure(str(exc)) from None
@@ -218,13 +227,13 @@ class RowCodec:
         if self.native is None or self.target != "pg":
             raise ValueError("binary COPY data needs the native codec and a PostgreSQL layout")
         yield PG_COPY_HEADER
-        keys = sorted(changes)
+        keys, values = self._in_key_order(changes)
         parts = [(p.topic, p.partition) for p in plan.partitions]
         encode = self.native.encode_chunk
         for i in range(0, len(keys), COPY_CHUNK):
             data, n, hi, lo = encode(self._names, self._kinds, _PG_BINARY,
-                                     keys[i : i + COPY_CHUNK],
-                                     changes, parts, self._helpers)
+                                     keys[i : i + COPY_CHUNK], values[i : i + COPY_CHUNK],
+                                     parts, self._helpers)
             digest.add_sum(n, (hi << 64) | lo)
             if data:
                 yield data
