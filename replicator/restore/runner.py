@@ -120,6 +120,7 @@ class RestoreReport:
     events: int = 0
     replay_seconds: float = 0.0
     load_seconds: float = 0.0
+    verify_seconds: float = 0.0
     seconds: float = 0.0
     schema: str | None = None
     replaced_schema: str | None = None
@@ -138,6 +139,7 @@ class RestoreReport:
             "seconds": round(self.seconds, 3),
             "replay_seconds": round(self.replay_seconds, 3),
             "load_seconds": round(self.load_seconds, 3),
+            "verify_seconds": round(self.verify_seconds, 3),
         }
 
 
@@ -223,12 +225,14 @@ async def execute_restore(
             else:
                 counts[entity] = await target.write(layout, rows)
             state[entity] = {}  # free as we go
-        report.load_seconds = time.monotonic() - t1
+        t2 = time.monotonic()
+        report.load_seconds = t2 - t1
         for entity in plan.entities:
             layout = TableLayout.from_schema(entity, registry.json_schema(entity))
             actual = await target.read_digest(layout)
             report.results.append(
                 EntityResult(entity, counts[entity], expected[entity].result(), actual))
+        report.verify_seconds = time.monotonic() - t2
         bad = [r for r in report.results if not r.ok]
         if bad:
             raise DigestMismatchError(
