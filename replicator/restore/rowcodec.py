@@ -5,9 +5,12 @@ Two implementations with the same results:
 
 * the Python reference (:func:`event_rows` feeding the target's row converter, and the
   :data:`~replicator.restore.layout.CANONICAL_STORED` converters for the read-back);
-* the native ``replicator.restore._rows`` (C, built at install), which converts plain
+* the native ``replicator.restore._rows`` (C, built at install). Its raw path scans the
+  event's JSON bytes itself and writes rows and digest text without a Python object per
+  value; an event it does not take plainly goes to its orjson path, which converts plain
   values itself and hands everything else -- an unusual timestamp, a value of an unexpected
   type, an event that does not parse -- to the reference converters, per value or per row.
+  With SQLite's headers it also loads and reads back SQLite tables through SQLite's C API.
 
 Tests compare the two on hostile rows; the restore tests compare both with an independent
 oracle. ``REPLICATOR_NO_NATIVE=1`` forces the reference.
