@@ -498,3 +498,38 @@ def test_sort_changes_orders_like_sorted() -> None:
     assert native.sort_changes({"a": 1, "\ud800": 2}) is None
     assert native.sort_changes({"a": 1, 5: 2}) is None
     assert native.sort_changes({}) == ([], [])
+
+
+@needs_native
+def test_sort_changes_survives_the_dict_changing_meanwhile() -> None:
+    """sort_changes lets the GIL go while it sorts: it must hold its own references (a
+    review found the first version reading freed keys: the interpreter crashed). Run in a
+    child process, so that a crash fails this test instead of the test run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent('''
+        import threading
+        from replicator.restore import _rows
+        for attempt in range(3):
+            d = {("é" * 20) + str(i) * 3: (i,) for i in range(200_000)}
+            keys = list(d)[::-1]
+            go = threading.Event()
+            def drop(ks=keys):
+                go.wait()
+                while ks:
+                    d.pop(ks.pop(), None)
+            del keys
+            t = threading.Thread(target=drop)
+            t.start()
+            go.set()
+            r = _rows.sort_changes(d)
+            t.join()
+            assert r is not None and r[0] == sorted(r[0]) and len(r[0]) == len(r[1])
+        print("ok")
+    ''')
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok"

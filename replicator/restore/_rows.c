@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <limits.h>
 
 enum { K_TEXT = 0, K_TS = 1, K_BIGINT = 2, K_DOUBLE = 3, K_BOOL = 4, K_JSONB = 5 };
 enum { T_PG = 0, T_SQLITE = 1, T_PGBIN = 2 /* T_PG rows, returned as binary COPY data */ };
@@ -1295,7 +1296,17 @@ static int sitem_cmp(const void *a, const void *b) {
  * str, or not encodable: the caller sorts in Python). Reads the dict in its own order
  * (the order its objects were made in: sequential memory) and sorts 40-byte records by
  * their inline key prefix, instead of sorted() following pointers to every str and a dict
- * lookup per key afterwards. The dict must not change during the call. */
+ * lookup per key afterwards. Every key and change is referenced while the GIL is let go
+ * for the sort (a key's UTF-8 lives as long as the key), and the references are handed to
+ * the result lists. */
+static void sitems_release(sitem_t *a, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_DECREF(a[i].key);
+        Py_DECREF(a[i].change);
+    }
+    PyMem_RawFree(a);
+}
+
 static PyObject *sort_changes(PyObject *Py_UNUSED(self), PyObject *changes) {
     if (!PyDict_Check(changes)) {
         PyErr_SetString(PyExc_TypeError, "sort_changes: a dict");
@@ -1306,29 +1317,32 @@ static PyObject *sort_changes(PyObject *Py_UNUSED(self), PyObject *changes) {
     if (a == NULL) return PyErr_NoMemory();
     PyObject *key, *change;
     while (PyDict_Next(changes, &pos, &key, &change)) {
-        if (i >= n || !PyUnicode_CheckExact(key)) { PyMem_RawFree(a); Py_RETURN_NONE; }
+        if (i >= n || !PyUnicode_CheckExact(key)) { sitems_release(a, i); Py_RETURN_NONE; }
+        Py_ssize_t len;
+        const char *u = PyUnicode_AsUTF8AndSize(key, &len);
+        if (u == NULL) { PyErr_Clear(); sitems_release(a, i); Py_RETURN_NONE; }
         sitem_t *it = &a[i++];
-        it->p = PyUnicode_AsUTF8AndSize(key, &it->len);
-        if (it->p == NULL) { PyErr_Clear(); PyMem_RawFree(a); Py_RETURN_NONE; }
+        it->p = u;
+        it->len = len;
         memset(it->pre, 0, 16);
-        memcpy(it->pre, it->p, it->len < 16 ? it->len : 16);
-        it->key = key;
-        it->change = change;
+        memcpy(it->pre, u, len < 16 ? len : 16);
+        it->key = Py_NewRef(key);
+        it->change = Py_NewRef(change);
     }
-    if (i != n) { PyMem_RawFree(a); Py_RETURN_NONE; }
-    Py_BEGIN_ALLOW_THREADS /* the keys are held by the dict, which nobody changes */
+    if (i != n) { sitems_release(a, i); Py_RETURN_NONE; }
+    Py_BEGIN_ALLOW_THREADS /* only our own references are read meanwhile */
     qsort(a, (size_t)n, sizeof(sitem_t), sitem_cmp);
     Py_END_ALLOW_THREADS
     PyObject *keys = PyList_New(n), *vals = PyList_New(n);
     if (keys == NULL || vals == NULL) {
         Py_XDECREF(keys);
         Py_XDECREF(vals);
-        PyMem_RawFree(a);
+        sitems_release(a, n);
         return NULL;
     }
-    for (i = 0; i < n; i++) {
-        PyList_SET_ITEM(keys, i, Py_NewRef(a[i].key));
-        PyList_SET_ITEM(vals, i, Py_NewRef(a[i].change));
+    for (i = 0; i < n; i++) { /* the lists take over the references */
+        PyList_SET_ITEM(keys, i, a[i].key);
+        PyList_SET_ITEM(vals, i, a[i].change);
     }
     PyMem_RawFree(a);
     PyObject *res = PyTuple_Pack(2, keys, vals);
@@ -1723,10 +1737,13 @@ static int copy_row_digest(const int *kinds, int nf, const unsigned char *q, buf
             }
             break;
         }
-        case K_TS:
+        case K_TS: {
             if (n != 8) return 0;
-            bad = dj_int(dg, (long long)get_be(q, 8) + PG_EPOCH_US) < 0;
+            long long us = (long long)get_be(q, 8);
+            if (us > LLONG_MAX - PG_EPOCH_US) return 0; /* 'infinity': the Python path */
+            bad = dj_int(dg, us + PG_EPOCH_US) < 0;
             break;
+        }
         case K_BIGINT:
             if (n != 8) return 0;
             bad = dj_int(dg, (long long)get_be(q, 8)) < 0;
@@ -1859,11 +1876,12 @@ static PyMethodDef methods[] = {
      "digest_rows(kinds, target, rows, helpers) -> (count, digest_hi, digest_lo)"},
 #ifdef REPLICATOR_SQLITE
     {"sqlite_load", sqlite_load, METH_VARARGS,
-     "sqlite_load(path, create_sql, insert_sql, names, kinds, keys, changes, parts, helpers, "
+     "sqlite_load(path as bytes, create_sql, insert_sql, names, kinds, keys, changes of those "
+     "keys, parts, helpers, "
      "progress) -> (count, digest_hi, digest_lo): create the table and insert the live keys "
      "through a connection of its own, in one transaction"},
     {"sqlite_digest", sqlite_digest, METH_VARARGS,
-     "sqlite_digest(path, select_sql, kinds, helpers) -> (count, digest_hi, digest_lo)"},
+     "sqlite_digest(path as bytes, select_sql, kinds, helpers) -> (count, digest_hi, digest_lo)"},
 #endif
     {NULL, NULL, 0, NULL},
 };

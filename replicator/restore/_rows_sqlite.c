@@ -308,12 +308,12 @@ static int ck_py_row(chunk_t *ck, PyObject *row) {
     return 0;
 }
 
-/* sqlite_load(path, create_sql, insert_sql, names, kinds, keys, changes of those keys,
- * parts, helpers, progress) -> (count, hi, lo) */
+/* sqlite_load(path as bytes, create_sql, insert_sql, names, kinds, keys, changes of those
+ * keys, parts, helpers, progress) -> (count, hi, lo) */
 static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
-    const char *path, *create_sql, *insert_sql;
+    const char *path, *create_sql, *insert_sql; /* path: bytes, the file system's encoding */
     PyObject *names, *kinds_t, *keys, *values, *parts, *helpers, *progress;
-    if (!PyArg_ParseTuple(args, "sssO!O!O!O!O!O!O", &path, &create_sql, &insert_sql,
+    if (!PyArg_ParseTuple(args, "yssO!O!O!O!O!O!O", &path, &create_sql, &insert_sql,
                           &PyTuple_Type, &names, &PyTuple_Type, &kinds_t, &PyList_Type, &keys,
                           &PyList_Type, &values, &PyList_Type, &parts, &PyTuple_Type,
                           &helpers, &progress))
@@ -553,12 +553,12 @@ static int sq_row_digest(sqlite3_stmt *st, const int *kinds, int nf, buf_t *dg,
     return 1;
 }
 
-/* sqlite_digest(path, select_sql, kinds, helpers) -> (count, hi, lo); select_sql gives
- * (key, data columns) */
+/* sqlite_digest(path as bytes, select_sql, kinds, helpers) -> (count, hi, lo); select_sql
+ * gives (key, data columns) */
 static PyObject *sqlite_digest(PyObject *Py_UNUSED(self), PyObject *args) {
     const char *path, *select_sql;
     PyObject *kinds_t, *helpers;
-    if (!PyArg_ParseTuple(args, "ssO!O!", &path, &select_sql, &PyTuple_Type, &kinds_t,
+    if (!PyArg_ParseTuple(args, "ysO!O!", &path, &select_sql, &PyTuple_Type, &kinds_t,
                           &PyTuple_Type, &helpers))
         return NULL;
     Py_ssize_t ncols = PyTuple_GET_SIZE(kinds_t);

@@ -201,9 +201,9 @@ class RowCodec:
         keys, values = self._in_key_order(changes)
         parts = [(p.topic, p.partition) for p in plan.partitions]
         try:
-            n, hi, lo = nat.sqlite_load(str(path), create_sql, insert_sql, self._names,
-                                        self._kinds, keys, values, parts, self._helpers,
-                                        progress)
+            n, hi, lo = nat.sqlite_load(os.fsencode(path), create_sql, insert_sql,
+                                        self._names, self._kinds, keys, values, parts,
+                                        self._helpers, progress)
         except nat.SqliteError as exc:
             raise SqliteFailure(str(exc)) from None
         digest.add_sum(n, (hi << 64) | lo)
@@ -216,7 +216,8 @@ class RowCodec:
         if nat is None or not self.sqlite_native:
             raise ValueError("the native SQLite read-back is not built")
         try:
-            n, hi, lo = nat.sqlite_digest(str(path), select_sql, self._kinds, self._helpers)
+            n, hi, lo = nat.sqlite_digest(os.fsencode(path), select_sql, self._kinds,
+                                          self._helpers)
         except nat.SqliteError as exc:
             raise SqliteFailure(str(exc)) from None
         digest.add_sum(n, (hi << 64) | lo)
