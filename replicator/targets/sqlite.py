@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,7 +104,6 @@ class SqliteTarget:
         self._conn: sqlite3.Connection | None = None
         self._fd: int | None = None
         self._replace = False
-        self._flush: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -181,36 +179,11 @@ class SqliteTarget:
         layout = codec.layout
         with self._own_connection_paused():
             try:
-                n = codec.sqlite_load(
+                return codec.sqlite_load(
                     self._tmp, create_table_sql(layout, rowid=self.rowid_tables),
                     self._insert_sql(layout), plan, changes, digest, progress)
             except SqliteFailure as exc:
                 raise TargetError(f"{self.location}: loading {layout.entity}: {exc}") from None
-        self._start_flush()
-        return n
-
-    def _start_flush(self) -> None:
-        """Write the loaded pages to disk in the background while the read-back runs, so
-        that commit's fsync has little left to do. Not a durability step: commit fsyncs
-        the file itself (and reports its errors) after the last write."""
-        self._join_flush()
-
-        def flush(path: Path) -> None:
-            with contextlib.suppress(OSError):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-
-        self._flush = threading.Thread(target=flush, args=(self._tmp,), name="sqlite-flush",
-                                       daemon=True)
-        self._flush.start()
-
-    def _join_flush(self) -> None:
-        if self._flush is not None:
-            self._flush.join()
-            self._flush = None
 
     @contextlib.contextmanager
     def _own_connection_paused(self) -> Iterator[None]:
@@ -281,7 +254,6 @@ class SqliteTarget:
         await asyncio.to_thread(self._commit_sync)
 
     def _commit_sync(self) -> None:
-        self._join_flush()
         conn = self._c()
         conn.execute("COMMIT")
         conn.close()
@@ -315,7 +287,6 @@ class SqliteTarget:
         self._fd = None
 
     async def abort(self) -> None:
-        await asyncio.to_thread(self._join_flush)
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
