@@ -268,6 +268,22 @@ async def test_sqlite_and_postgres_match_the_oracle(world: World, pg_dsn: str) -
             x["entity"]: f"{x['rows']}:{x['digest']}" for x in doc["entities"]}
     conn = await asyncpg.connect(pg_dsn)
     try:
+        # the primary key is built after the load: the table ends up as an inline
+        # PRIMARY KEY makes it (same constraint name and definition, key collation "C")
+        for e in ENTITIES:
+            got = await conn.fetch(
+                "SELECT conname, pg_get_constraintdef(c.oid) AS def FROM pg_constraint c "
+                "JOIN pg_namespace n ON n.oid = c.connamespace "
+                "WHERE n.nspname = $1 AND c.contype = 'p' AND c.conrelid = "
+                "(SELECT oid FROM pg_class WHERE relname = $2 AND relnamespace = n.oid)",
+                f"e2e_{run}_0", e)
+            assert [(r["conname"], r["def"]) for r in got] == [(f"{e}_pkey",
+                                                                 "PRIMARY KEY (key)")]
+            coll = await conn.fetchval(
+                "SELECT collation_name FROM information_schema.columns WHERE "
+                "table_schema = $1 AND table_name = $2 AND column_name = 'key'",
+                f"e2e_{run}_0", e)
+            assert coll == "C"
         for i in range(len(points(w)) + 1):
             await conn.execute(f'DROP SCHEMA IF EXISTS "e2e_{run}_{i}" CASCADE')
     finally:

@@ -533,3 +533,70 @@ def test_sort_changes_survives_the_dict_changing_meanwhile() -> None:
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "ok"
+
+
+@needs_native
+def test_exact_float_check_never_disagrees_with_repr() -> None:
+    """The 128-bit check that decides whether a 16/17-digit literal is repr() of its
+    double: whenever it says yes, repr agrees; and it decides nearly every canonical
+    literal of that length (else the speed-up would silently be gone)."""
+    import math
+    import struct
+
+    rng = random.Random(17)
+    said_yes = decided = canonical = 0
+    for i in range(60_000):
+        kind = i % 5
+        if kind == 0:
+            x = rng.uniform(-1e4, 1e4)
+        elif kind == 1:
+            x = struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0]
+        elif kind == 2:
+            x = 59.9 + rng.randrange(1000) / 1e4  # the bench's locations
+        elif kind == 3:
+            x = math.ldexp(1.0, rng.randrange(-13, 53)) * (1 + rng.randrange(3) * 2**-52)
+        else:
+            x = rng.uniform(1e-4, 1e16)
+        if not math.isfinite(x):
+            continue
+        lits = {repr(x), f"{x:.17g}", f"{x:.16g}", repr(math.nextafter(x, math.inf)),
+                f"{math.nextafter(x, -math.inf):.17g}", f"{x:.17f}"[:19]}
+        for lit in lits:
+            if "e" in lit or "n" in lit or "." not in lit:
+                continue
+            yes = native.literal_is_repr(lit.encode())
+            is_repr = repr(float(lit)) == lit
+            assert not yes or is_repr, lit
+            said_yes += yes
+            digits = len(lit.lstrip("-").replace(".", "").lstrip("0"))
+            if is_repr and digits >= 16 and not lit.endswith(".0") and abs(float(lit)) < 1e15:
+                canonical += 1
+                decided += yes
+    assert said_yes > 10_000
+    assert decided > 0.97 * canonical
+
+
+@needs_native_sqlite
+def test_native_sqlite_read_back_reports_a_read_error(tmp_path: Any) -> None:
+    """A page SQLite cannot read, met by the reader thread halfway through the table, fails
+    the read-back with SQLite's message (no digest of half a table)."""
+    import sqlite3
+
+    from replicator.restore.rowcodec import SqliteFailure
+
+    db = tmp_path / "c.db"
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA page_size=4096")
+    conn.execute("CREATE TABLE t (key TEXT PRIMARY KEY, n INTEGER, note TEXT)")
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?)",
+                     [(f"k{i:06d}", i, "x" * 200) for i in range(20_000)])
+    conn.commit()
+    conn.close()
+    size = db.stat().st_size
+    with open(db, "r+b") as f:  # a run of table pages past the middle: garbage
+        f.seek((size // 4096 * 2 // 3) * 4096)
+        f.write(b"\xa5" * 4096 * 8)
+    layout = TableLayout("t", (Column("n", "bigint"), Column("note", "text")))
+    with pytest.raises(SqliteFailure, match=r"^read: .*(malformed|corrupt)"):
+        RowCodec(layout, "sqlite").sqlite_digest(
+            db, 'SELECT key, n, note FROM t', DigestBuilder("t"))

@@ -791,6 +791,78 @@ static int dj_double(buf_t *b, double d, PyObject **h) {
 
 /* -- canonical JSON ------------------------------------------------------------------------ */
 
+/* Whether a decimal literal of 16 or 17 significant digits, value M * 10^-F (M without
+ * trailing zeros, 1 <= F <= 21), is repr() of the double d it reads as, decided exactly
+ * with 128-bit integers (no Python, no bignum): 1 it is, 0 it is not or undecided (the
+ * caller then compares with repr itself; 0 is always safe, 1 must be exact).
+ *
+ * repr(d) is the shortest digit string that reads back as d and, of those, the one
+ * nearest d. So the literal L is repr(d) when
+ *   (a) L lies in d's rounding interval (it reads back as d),
+ *   (b) no multiple of 10^(1-F) (any string with fewer digits at this scale) lies in it,
+ *   (c) L is strictly the nearest multiple of 10^-F to d (no other string of its length
+ *       is nearer; a tie is left undecided).
+ * With d = m * 2^k (m of 53 bits) everything is scaled by S = 2^(2-k) * 10^F, so that
+ *   d*S = 4mP, the interval is [(4m-2)P, (4m+2)P] ((4m-1)P below a power of two, whose
+ *   lower neighbour is nearer), endpoints included when m is even (ties round to even),
+ *   L*S = M * 2^(2-k), and a step of 10^-F is 2^(2-k) (P = 10^F).
+ * Tests compare it with repr over millions of doubles. */
+static int dec_is_repr(uint64_t M, int F, double d) {
+    static const uint64_t pow10[20] = {
+        1ULL, 10ULL, 100ULL, 1000ULL, 10000ULL, 100000ULL, 1000000ULL, 10000000ULL,
+        100000000ULL, 1000000000ULL, 10000000000ULL, 100000000000ULL, 1000000000000ULL,
+        10000000000000ULL, 100000000000000ULL, 1000000000000000ULL, 10000000000000000ULL,
+        100000000000000000ULL, 1000000000000000000ULL, 10000000000000000000ULL};
+    if (!(d > 0) || !isfinite(d) || F < 1 || F > 21) return 0;
+    int e2;
+    double f = frexp(d, &e2);                /* d = f * 2^e2, 0.5 <= f < 1 */
+    if (e2 < -1021) return 0;                /* subnormal: not handled */
+    uint64_t m = (uint64_t)ldexp(f, 53);     /* exact: d = m * 2^(e2 - 53) */
+    int k = e2 - 53, sh = 2 - k;
+    u128 P = F <= 19 ? (u128)pow10[F] : (u128)pow10[F - 2] * 100;
+    /* sizes: 4mP < 2^55 * 2^70; L*S is within the interval, so of the same size */
+    if (M == 0 || sh < 0 || (P >> 70) != 0 || 64 - __builtin_clzll(M) + sh > 120)
+        return 0; /* M << sh and 10 << sh inside 128 bits */
+    int pow2 = m == (1ULL << 52);
+    u128 D = ((u128)m << 2) * P;
+    u128 hi = D + 2 * P, lo = D - (pow2 ? P : 2 * P);
+    int incl = (m & 1) == 0;
+    u128 L = (u128)M << sh, step = (u128)1 << sh;
+    /* (a) */
+    if (incl ? (L < lo || L > hi) : (L <= lo || L >= hi)) return 0;
+    /* (c): |L - D| < step / 2 */
+    u128 dist = L > D ? L - D : D - L;
+    if (dist * 2 >= step) return 0;
+    /* (b): the multiples of 10*step on either side of D */
+    u128 big = step * 10;
+    u128 below = D / big * big, above = below + big;
+    if (incl ? (below >= lo) : (below > lo)) return 0;
+    if (incl ? (above <= hi) : (above < hi)) return 0;
+    return 1;
+}
+
+/* the literal (no exponent) of 16 or 17 significant digits, at most 3 zeros after "0.",
+ * no trailing zero, is repr() of d, decided by dec_is_repr: 1, else 0 (not decided) */
+static int literal_is_repr(const unsigned char *p, Py_ssize_t n, double d) {
+    const unsigned char *q = p, *e = p + n;
+    if (q < e && *q == '-') q++;
+    const unsigned char *dot = memchr(q, '.', e - q);
+    if (dot == NULL || dot == q || dot + 1 >= e || e[-1] == '0') return 0;
+    if (dot - q > 1 && q[0] == '0') return 0;
+    uint64_t M = 0;
+    int nd = 0, lead = 0;
+    for (const unsigned char *c = q; c < e; c++) {
+        if (c == dot) continue;
+        if (!is_digit(*c)) return 0;
+        if (M == 0 && *c == '0') { lead += c > dot; continue; }
+        if (++nd > 17) return 0;
+        M = M * 10 + (uint64_t)(*c - '0');
+    }
+    int int_zero = dot - q == 1 && q[0] == '0';
+    if (nd < 16 || (int_zero && lead > 3)) return 0;
+    return dec_is_repr(M, (int)(e - dot - 1), fabs(d));
+}
+
 /* the float literal is how orjson writes its value: 1, else 0. Only literals without an
  * exponent: orjson and repr() differ there (0.00001 vs 1e-05) */
 static int float_is_canonical(const unsigned char *p, Py_ssize_t n) {
@@ -823,6 +895,7 @@ static int float_is_canonical(const unsigned char *p, Py_ssize_t n) {
     double d = PyOS_string_to_double(tmp, &end, NULL);
     if (d == -1.0 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
     if (end != tmp + n) return 0;
+    if (literal_is_repr(p, n, d)) return 1;
     char *r = PyOS_double_to_string(d, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
     if (r == NULL) { PyErr_Clear(); return 0; }
     int same = (Py_ssize_t)strlen(r) == n && memcmp(r, tmp, n) == 0;
@@ -1051,7 +1124,8 @@ static int raw_parse(raw_ctx *c, const unsigned char *p, Py_ssize_t n, jv_t *ver
 }
 
 /* the digest text of the parsed row and its hash added to *acc */
-static int raw_digest(raw_ctx *c, const char *key, Py_ssize_t keyn, PyObject **h, u128 *acc) {
+/* the digest text of the parsed row into c->dg (hashed by the caller) */
+static int raw_digest_text(raw_ctx *c, const char *key, Py_ssize_t keyn, PyObject **h) {
     buf_t *b = &c->dg;
     b->len = 0;
     if (buf_put(b, "[", 1) < 0 || dj_str(b, (const unsigned char *)key, keyn) < 0) return -1;
@@ -1075,8 +1149,13 @@ static int raw_digest(raw_ctx *c, const char *key, Py_ssize_t keyn, PyObject **h
         }
         if (bad < 0) return -1;
     }
-    if (buf_put(b, "]", 1) < 0) return -1;
-    *acc += blake2b_128((const uint8_t *)b->p, (size_t)b->len);
+    return buf_put(b, "]", 1) < 0 ? -1 : 0;
+}
+
+/* the digest text of the parsed row and its hash added to *acc */
+static int raw_digest(raw_ctx *c, const char *key, Py_ssize_t keyn, PyObject **h, u128 *acc) {
+    if (raw_digest_text(c, key, keyn, h) < 0) return -1;
+    *acc += blake2b_128((const uint8_t *)c->dg.p, (size_t)c->dg.len);
     return 0;
 }
 
@@ -1235,6 +1314,19 @@ static int raw_row(raw_ctx *c, PyObject *key, PyObject *value, PyObject *topic,
 }
 
 static int raw_enabled = 1;
+
+/* tests: literal_is_repr's verdict on a literal (bytes) */
+static PyObject *py_literal_is_repr(PyObject *Py_UNUSED(self), PyObject *arg) {
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "literal_is_repr takes bytes");
+        return NULL;
+    }
+    char *end;
+    double d = PyOS_string_to_double(PyBytes_AS_STRING(arg), &end, NULL);
+    if (d == -1.0 && PyErr_Occurred()) return NULL;
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(arg);
+    return PyBool_FromLong(literal_is_repr(p, PyBytes_GET_SIZE(arg), d));
+}
 
 static PyObject *py_set_raw(PyObject *Py_UNUSED(self), PyObject *arg) {
     int on = PyObject_IsTrue(arg);
@@ -1868,6 +1960,8 @@ static PyMethodDef methods[] = {
     {"set_raw", py_set_raw, METH_O,
      "set_raw(on) -> previous: the raw JSON path on or off (tests and A/B runs compare the "
      "two paths; on by default)"},
+    {"literal_is_repr", py_literal_is_repr, METH_O,
+     "literal_is_repr(literal) -> bool: the exact 16/17-digit check's verdict (tests)"},
     {"blake2b_128", py_blake2b_128, METH_O,
      "blake2b_128(data) -> (hi, lo): BLAKE2b with a 16-byte digest, as two 64-bit halves"},
     {"digest_copy", digest_copy, METH_VARARGS,

@@ -10,14 +10,13 @@
  * sqlite_digest: the rows of a table read back through a connection of its own -> the
  *                target side of the state digest, without a Python object per value.
  *
- * The loader inserts on a thread of its own (see below); the reader lets the GIL go every
- * YIELD_ROWS rows, so the event loop thread keeps running.
+ * The loader inserts on a thread of its own, the reader reads SQLite on a thread of its
+ * own (see below): SQLite's work and ours overlap on two cores, and the calling thread
+ * waits for the other without the GIL, so the event loop thread keeps running.
  */
 #include <sqlite3.h>
 
 static PyObject *SqliteError;
-
-enum { YIELD_ROWS = 256 };
 
 static int sq_error(sqlite3 *db, int rc, const char *what) {
     PyErr_Format(SqliteError, "%s: %s", what, db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
@@ -67,47 +66,140 @@ static sqlite3 *sq_open(const char *path, int flags) {
 
 enum { QDEPTH = 4, CHUNK_ROWS = 512 };
 enum { V_NULL = 'N', V_INT = 'I', V_REAL = 'D', V_TEXT = 'T', V_BLOB = 'B' };
+/* the loader's rows end with V_HASH and a digest text the inserter hashes, or V_NULL when
+ * the calling thread has hashed the row itself */
+enum { V_HASH = 'H' };
 
 typedef struct { char *p; size_t len, cap, rows; } chunk_t;
 
-static int ck_reserve(chunk_t *c, size_t more) {
+/* chunk appenders without Python (either thread): 0 ok, -1 out of memory or a value of
+ * 2 GiB or more */
+static int ckr_reserve(chunk_t *c, size_t more) {
     if (c->len + more <= c->cap) return 0;
     size_t cap = c->cap ? c->cap : (size_t)1 << 18;
     while (cap < c->len + more) cap *= 2;
     char *p = realloc(c->p, cap);
-    if (p == NULL) { PyErr_NoMemory(); return -1; }
+    if (p == NULL) return -1;
     c->p = p;
     c->cap = cap;
     return 0;
 }
 
-static int ck_null(chunk_t *c) {
-    if (ck_reserve(c, 1) < 0) return -1;
+static int ckr_null(chunk_t *c) {
+    if (ckr_reserve(c, 1) < 0) return -1;
     c->p[c->len++] = V_NULL;
     return 0;
 }
 
-static int ck_num(chunk_t *c, char tag, const void *v8) {
-    if (ck_reserve(c, 9) < 0) return -1;
+static int ckr_num(chunk_t *c, char tag, const void *v8) {
+    if (ckr_reserve(c, 9) < 0) return -1;
     c->p[c->len++] = tag;
     memcpy(c->p + c->len, v8, 8);
     c->len += 8;
     return 0;
 }
 
-static int ck_int(chunk_t *c, long long v) { return ck_num(c, V_INT, &v); }
-static int ck_real(chunk_t *c, double v) { return ck_num(c, V_REAL, &v); }
-
-static int ck_bytes(chunk_t *c, char tag, const char *p, Py_ssize_t n) {
-    if (n > INT32_MAX) { PyErr_SetString(PyExc_OverflowError, "value too long"); return -1; }
-    if (ck_reserve(c, 5 + (size_t)n) < 0) return -1;
+static int ckr_bytes(chunk_t *c, char tag, const void *p, size_t n) {
+    if (n > INT32_MAX || ckr_reserve(c, 5 + n) < 0) return -1;
     uint32_t m = (uint32_t)n;
     c->p[c->len++] = tag;
     memcpy(c->p + c->len, &m, 4);
-    memcpy(c->p + c->len + 4, p, (size_t)n);
-    c->len += 4 + (size_t)n;
+    if (n) memcpy(c->p + c->len + 4, p, n);
+    c->len += 4 + n;
     return 0;
 }
+
+/* the same on the calling thread (GIL held): a Python exception on failure */
+static int ck_fail(void) {
+    if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_MemoryError, "out of memory, or a value of 2 GiB or more");
+    return -1;
+}
+static int ck_null(chunk_t *c) { return ckr_null(c) < 0 ? ck_fail() : 0; }
+static int ck_int(chunk_t *c, long long v) { return ckr_num(c, V_INT, &v) < 0 ? ck_fail() : 0; }
+static int ck_real(chunk_t *c, double v) { return ckr_num(c, V_REAL, &v) < 0 ? ck_fail() : 0; }
+static int ck_bytes(chunk_t *c, char tag, const char *p, Py_ssize_t n) {
+    return n < 0 || ckr_bytes(c, tag, p, (size_t)n) < 0 ? ck_fail() : 0;
+}
+
+/* -- a bounded queue of chunks between a thread of ours and the calling thread ---------
+ * Every chq_* function is free of Python: the calling thread calls the waiting ones with
+ * the GIL released. Either side may stop the queue (chq_fail with a message, or
+ * chq_stop); the producer ends it with chq_close. */
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    chunk_t q[QDEPTH];
+    int head, count, done, stop, failed;
+    char err[512];
+} chq_t;
+
+static void chq_init(chq_t *Q) {
+    memset(Q, 0, sizeof *Q);
+    pthread_mutex_init(&Q->mu, NULL);
+    pthread_cond_init(&Q->cv, NULL);
+}
+
+/* frees what still waits; the threads are joined */
+static void chq_destroy(chq_t *Q) {
+    for (int i = 0; i < Q->count; i++) free(Q->q[(Q->head + i) % QDEPTH].p);
+    Q->count = 0;
+    pthread_mutex_destroy(&Q->mu);
+    pthread_cond_destroy(&Q->cv);
+}
+
+/* hand *ck over (waits while QDEPTH chunks wait); 0 ok, -1 stopped (*ck freed). *ck is
+ * reset either way */
+static int chq_push(chq_t *Q, chunk_t *ck) {
+    pthread_mutex_lock(&Q->mu);
+    while (Q->count == QDEPTH && !Q->stop) pthread_cond_wait(&Q->cv, &Q->mu);
+    int stopped = Q->stop;
+    if (!stopped) {
+        Q->q[(Q->head + Q->count) % QDEPTH] = *ck;
+        Q->count++;
+        pthread_cond_broadcast(&Q->cv);
+    }
+    pthread_mutex_unlock(&Q->mu);
+    if (stopped) free(ck->p);
+    memset(ck, 0, sizeof *ck);
+    return stopped ? -1 : 0;
+}
+
+/* the next chunk into *out (waits while none is there); 1 got one, 0 the producer is
+ * done and everything was taken, or the queue was stopped */
+static int chq_pop(chq_t *Q, chunk_t *out) {
+    pthread_mutex_lock(&Q->mu);
+    while (Q->count == 0 && !Q->done && !Q->stop) pthread_cond_wait(&Q->cv, &Q->mu);
+    int got = !Q->stop && Q->count > 0;
+    if (got) {
+        *out = Q->q[Q->head];
+        Q->head = (Q->head + 1) % QDEPTH;
+        Q->count--;
+        pthread_cond_broadcast(&Q->cv);
+    }
+    pthread_mutex_unlock(&Q->mu);
+    return got;
+}
+
+static void chq_end(chq_t *Q, int done, const char *msg) {
+    pthread_mutex_lock(&Q->mu);
+    if (done) {
+        Q->done = 1;
+    } else {
+        Q->stop = 1;
+        if (msg != NULL && !Q->failed) {
+            Q->failed = 1;
+            snprintf(Q->err, sizeof Q->err, "%s", msg);
+        }
+    }
+    pthread_cond_broadcast(&Q->cv);
+    pthread_mutex_unlock(&Q->mu);
+}
+
+static void chq_close(chq_t *Q) { chq_end(Q, 1, NULL); }
+static void chq_stop(chq_t *Q) { chq_end(Q, 0, NULL); }
+static void chq_fail(chq_t *Q, const char *msg) { chq_end(Q, 0, msg); }
 
 typedef struct {
     sqlite3 *db;
@@ -115,10 +207,8 @@ typedef struct {
     int nvals;
     pthread_t thread;
     int started;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    chunk_t q[QDEPTH];
-    int head, count, done, stop, failed;
+    chq_t Q;        /* the calling thread pushes, the inserter pops */
+    u128 acc;       /* the digest texts the inserter hashed (read after the join) */
     char err[512];
 } loader_t;
 
@@ -158,6 +248,12 @@ static int insert_chunk(loader_t *L, const chunk_t *ck) {
             if (rc == SQLITE_DONE) rc = SQLITE_OK;
         }
         sqlite3_reset(L->st);
+        if (*p++ == V_HASH) { /* the row's digest text: hashed here, off the calling thread */
+            uint32_t n;
+            memcpy(&n, p, 4);
+            L->acc += blake2b_128((const uint8_t *)p + 4, n);
+            p += 4 + n;
+        }
         if (rc != SQLITE_OK) {
             snprintf(L->err, sizeof L->err, "insert: %s", sqlite3_errmsg(L->db));
             return -1;
@@ -168,51 +264,27 @@ static int insert_chunk(loader_t *L, const chunk_t *ck) {
 
 static void *inserter_main(void *arg) {
     loader_t *L = arg;
-    for (;;) {
-        pthread_mutex_lock(&L->mu);
-        while (L->count == 0 && !L->done && !L->stop) pthread_cond_wait(&L->cv, &L->mu);
-        if (L->stop || L->count == 0) { /* stopped, or done and drained */
-            pthread_mutex_unlock(&L->mu);
-            return NULL;
-        }
-        chunk_t ck = L->q[L->head];
-        L->head = (L->head + 1) % QDEPTH;
-        L->count--;
-        pthread_cond_broadcast(&L->cv);
-        pthread_mutex_unlock(&L->mu);
+    chunk_t ck;
+    while (chq_pop(&L->Q, &ck)) {
         int bad = insert_chunk(L, &ck) < 0;
         free(ck.p);
         if (bad) {
-            pthread_mutex_lock(&L->mu);
-            L->failed = L->stop = 1;
-            pthread_cond_broadcast(&L->cv);
-            pthread_mutex_unlock(&L->mu);
-            return NULL;
+            chq_fail(&L->Q, L->err);
+            break;
         }
     }
+    return NULL;
 }
 
 /* hand the chunk to the inserter (waiting, without the GIL, while QDEPTH chunks wait);
  * -1 when the inserter has failed (SqliteError set) */
 static int loader_push(loader_t *L, chunk_t *ck) {
-    int stopped;
+    int r;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&L->mu);
-    while (L->count == QDEPTH && !L->stop) pthread_cond_wait(&L->cv, &L->mu);
-    stopped = L->stop;
-    if (!stopped) {
-        L->q[(L->head + L->count) % QDEPTH] = *ck;
-        L->count++;
-        pthread_cond_broadcast(&L->cv);
-    }
-    pthread_mutex_unlock(&L->mu);
+    r = chq_push(&L->Q, ck);
     Py_END_ALLOW_THREADS
-    if (stopped) {
-        free(ck->p);
-        PyErr_Format(SqliteError, "%s", L->err);
-    }
-    memset(ck, 0, sizeof *ck);
-    return stopped ? -1 : 0;
+    if (r < 0) PyErr_Format(SqliteError, "%s", L->Q.err);
+    return r;
 }
 
 /* let the inserter drain (ok) or stop it; joined on return. -1 when it failed (SqliteError
@@ -220,18 +292,13 @@ static int loader_push(loader_t *L, chunk_t *ck) {
 static int loader_finish(loader_t *L, int ok) {
     if (!L->started) return 0;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&L->mu);
-    if (ok) L->done = 1;
-    else L->stop = 1;
-    pthread_cond_broadcast(&L->cv);
-    pthread_mutex_unlock(&L->mu);
+    if (ok) chq_close(&L->Q);
+    else chq_stop(&L->Q);
     pthread_join(L->thread, NULL);
     Py_END_ALLOW_THREADS
     L->started = 0;
-    for (int i = 0; i < L->count; i++) free(L->q[(L->head + i) % QDEPTH].p);
-    L->count = 0;
-    if (L->failed) {
-        if (!PyErr_Occurred()) PyErr_Format(SqliteError, "%s", L->err);
+    if (L->Q.failed) {
+        if (!PyErr_Occurred()) PyErr_Format(SqliteError, "%s", L->Q.err);
         return -1;
     }
     return 0;
@@ -338,8 +405,7 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_ssize_t count = 0, pending = 0;
     loader_t L;
     memset(&L, 0, sizeof L);
-    pthread_mutex_init(&L.mu, NULL);
-    pthread_cond_init(&L.cv, NULL);
+    chq_init(&L.Q);
     chunk_t ck = {NULL, 0, 0, 0};
     if (parse_kinds(kinds_t, kinds, ncols) < 0) goto fail;
     if (raw_ctx_init(&rc, names, kinds, ncols) < 0) goto fail;
@@ -411,8 +477,9 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
             const char *t = k ? PyUnicode_AsUTF8AndSize(topic, &topicn) : NULL;
             long long pa = PyLong_AsLongLong(partition), of = PyLong_AsLongLong(offset);
             if (t == NULL || PyErr_Occurred()) goto fail;
-            if (raw_digest(&rc, k, keyn, h, &acc) < 0 ||
-                ck_raw_row(&ck, &rc, k, keyn, &version, &ts, &ts_tm, t, topicn, pa, of) < 0) {
+            if (raw_digest_text(&rc, k, keyn, h) < 0 ||
+                ck_raw_row(&ck, &rc, k, keyn, &version, &ts, &ts_tm, t, topicn, pa, of) < 0 ||
+                ck_bytes(&ck, V_HASH, rc.dg.p, rc.dg.len) < 0) {
                 ck.len = mark;
                 goto fail;
             }
@@ -436,7 +503,8 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
                 canon = Py_NewRef(PyTuple_GET_ITEM(res, 1));
                 Py_DECREF(res);
             }
-            int bad = digest_add(canon, h, &acc) < 0 || ck_py_row(&ck, row) < 0;
+            int bad = digest_add(canon, h, &acc) < 0 || ck_py_row(&ck, row) < 0 ||
+                      ck_null(&ck) < 0; /* hashed already */
             Py_DECREF(row);
             Py_DECREF(canon);
             if (bad) { ck.len = mark; goto fail; }
@@ -453,6 +521,7 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     if (ck.rows && loader_push(&L, &ck) < 0) goto fail;
     if (loader_finish(&L, 1) < 0) goto fail;
+    acc += L.acc;
     sqlite3_finalize(st);
     st = NULL;
     if (sq_exec(db, "COMMIT") < 0) goto fail;
@@ -465,17 +534,14 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
         if (res == NULL) goto fail;
         Py_DECREF(res);
     }
-    pthread_mutex_destroy(&L.mu);
-    pthread_cond_destroy(&L.cv);
+    chq_destroy(&L.Q);
     raw_ctx_free(&rc);
     PyMem_Free(kinds);
     return sum_result(count, acc, NULL);
 fail:
     loader_finish(&L, 0); /* keeps the error already set */
-    for (int i = 0; i < L.count; i++) free(L.q[(L.head + i) % QDEPTH].p);
     free(ck.p);
-    pthread_mutex_destroy(&L.mu);
-    pthread_cond_destroy(&L.cv);
+    chq_destroy(&L.Q);
     sqlite3_finalize(st);
     if (db != NULL) sqlite3_close(db); /* an open transaction is rolled back */
     if (rc_ok) raw_ctx_free(&rc);
@@ -483,47 +549,137 @@ fail:
     return NULL;
 }
 
-/* one row of the result as the sqlite3 module gives it (a tuple of Python values) */
-static PyObject *sq_row_tuple(sqlite3_stmt *st, int n) {
+/* -- the reader: SQLite on a thread of its own, the digest on the calling thread --------
+ *
+ * The reader thread (no Python) steps the query and copies each row's column values into
+ * chunks (the loader's value format); the calling thread takes the chunks (waiting without
+ * the GIL) and digests their rows, natively or, for values the native digest does not
+ * take, through the Python values the sqlite3 module would give. */
+
+typedef struct {
+    sqlite3 *db;
+    sqlite3_stmt *st;
+    int ncol;
+    pthread_t thread;
+    int started;
+    chq_t Q;        /* the reader pushes, the calling thread pops */
+} reader_t;
+
+static void *reader_main(void *arg) {
+    reader_t *R = arg;
+    chunk_t ck = {NULL, 0, 0, 0};
+    char msg[512];
+    for (;;) {
+        int rc = sqlite3_step(R->st);
+        if (rc == SQLITE_DONE) break;
+        if (rc != SQLITE_ROW) {
+            snprintf(msg, sizeof msg, "read: %s", sqlite3_errmsg(R->db));
+            goto fail;
+        }
+        for (int i = 0; i < R->ncol; i++) {
+            int bad;
+            switch (sqlite3_column_type(R->st, i)) {
+            case SQLITE_INTEGER: {
+                long long v = sqlite3_column_int64(R->st, i);
+                bad = ckr_num(&ck, V_INT, &v);
+                break;
+            }
+            case SQLITE_FLOAT: {
+                double v = sqlite3_column_double(R->st, i);
+                bad = ckr_num(&ck, V_REAL, &v);
+                break;
+            }
+            case SQLITE_TEXT: {
+                const unsigned char *t = sqlite3_column_text(R->st, i);
+                bad = t == NULL ? -1 : ckr_bytes(&ck, V_TEXT, t,
+                                                 (size_t)sqlite3_column_bytes(R->st, i));
+                break;
+            }
+            case SQLITE_BLOB: {
+                int n = sqlite3_column_bytes(R->st, i);
+                const void *b = sqlite3_column_blob(R->st, i);
+                bad = n && b == NULL ? -1 : ckr_bytes(&ck, V_BLOB, b, (size_t)n);
+                break;
+            }
+            default: bad = ckr_null(&ck);
+            }
+            if (bad) {
+                snprintf(msg, sizeof msg, "read: out of memory");
+                goto fail;
+            }
+        }
+        if (++ck.rows == CHUNK_ROWS && chq_push(&R->Q, &ck) < 0) return NULL;
+    }
+    if (ck.rows && chq_push(&R->Q, &ck) < 0) return NULL;
+    chq_close(&R->Q);
+    return NULL;
+fail:
+    free(ck.p);
+    chq_fail(&R->Q, msg);
+    return NULL;
+}
+
+/* one column value of a chunk row */
+typedef struct {
+    char tag;                 /* V_* */
+    const unsigned char *p;   /* V_TEXT, V_BLOB */
+    Py_ssize_t n;
+    long long i;              /* V_INT */
+    double d;                 /* V_REAL */
+} sv_t;
+
+/* decode the row at *pp into v[0:n]; *pp moves past it */
+static void sv_row(const char **pp, sv_t *v, int n) {
+    const char *p = *pp;
+    for (int i = 0; i < n; i++) {
+        v[i].tag = *p++;
+        if (v[i].tag == V_INT) { memcpy(&v[i].i, p, 8); p += 8; }
+        else if (v[i].tag == V_REAL) { memcpy(&v[i].d, p, 8); p += 8; }
+        else if (v[i].tag == V_TEXT || v[i].tag == V_BLOB) {
+            uint32_t m;
+            memcpy(&m, p, 4);
+            v[i].p = (const unsigned char *)p + 4;
+            v[i].n = m;
+            p += 4 + m;
+        }
+    }
+    *pp = p;
+}
+
+/* the row as the sqlite3 module gives it (a tuple of Python values) */
+static PyObject *sv_row_tuple(const sv_t *v, int n) {
     PyObject *row = PyTuple_New(n);
     if (row == NULL) return NULL;
     for (int i = 0; i < n; i++) {
-        PyObject *v;
-        switch (sqlite3_column_type(st, i)) {
-        case SQLITE_INTEGER: v = PyLong_FromLongLong(sqlite3_column_int64(st, i)); break;
-        case SQLITE_FLOAT: v = PyFloat_FromDouble(sqlite3_column_double(st, i)); break;
-        case SQLITE_TEXT:
-            v = PyUnicode_DecodeUTF8((const char *)sqlite3_column_text(st, i),
-                                     sqlite3_column_bytes(st, i), NULL);
-            break;
-        case SQLITE_BLOB:
-            v = PyBytes_FromStringAndSize(sqlite3_column_blob(st, i),
-                                          sqlite3_column_bytes(st, i));
-            break;
-        default: v = Py_NewRef(Py_None);
+        PyObject *o;
+        switch (v[i].tag) {
+        case V_INT: o = PyLong_FromLongLong(v[i].i); break;
+        case V_REAL: o = PyFloat_FromDouble(v[i].d); break;
+        case V_TEXT: o = PyUnicode_DecodeUTF8((const char *)v[i].p, v[i].n, NULL); break;
+        case V_BLOB: o = PyBytes_FromStringAndSize((const char *)v[i].p, v[i].n); break;
+        default: o = Py_NewRef(Py_None);
         }
-        if (v == NULL) { Py_DECREF(row); return NULL; }
-        PyTuple_SET_ITEM(row, i, v);
+        if (o == NULL) { Py_DECREF(row); return NULL; }
+        PyTuple_SET_ITEM(row, i, o);
     }
     return row;
 }
 
-/* the digest text of the current result row, natively: 1 added, 0 use the Python values,
- * -1 error */
-static int sq_row_digest(sqlite3_stmt *st, const int *kinds, int nf, buf_t *dg,
+/* the digest text of the row, natively: 1 added, 0 use the Python values, -1 error */
+static int sv_row_digest(const sv_t *v, const int *kinds, int nf, buf_t *dg,
                          buf_t *scratch, PyObject **h, u128 *acc) {
     dg->len = 0;
     if (buf_put(dg, "[", 1) < 0) return -1;
     for (int i = 0; i < nf; i++) {
         if (i && buf_put(dg, ",", 1) < 0) return -1;
-        int type = sqlite3_column_type(st, i), kind = i == 0 ? K_TEXT : kinds[i - 1];
+        int tag = v[i].tag, kind = i == 0 ? K_TEXT : kinds[i - 1];
         int bad = 0;
-        if (type == SQLITE_NULL && i) {
+        if (tag == V_NULL && i) {
             bad = buf_put(dg, "null", 4) < 0;
-        } else if (type == SQLITE_TEXT && (kind == K_TEXT || kind == K_TS || kind == K_JSONB)) {
-            const unsigned char *p = sqlite3_column_text(st, i);
-            Py_ssize_t n = sqlite3_column_bytes(st, i);
-            if (p == NULL || !utf8_valid(p, n)) return 0;
+        } else if (tag == V_TEXT && (kind == K_TEXT || kind == K_TS || kind == K_JSONB)) {
+            const unsigned char *p = v[i].p;
+            Py_ssize_t n = v[i].n;
+            if (!utf8_valid(p, n)) return 0;
             if (kind == K_TEXT) {
                 bad = dj_str(dg, p, n) < 0;
             } else if (kind == K_TS) {
@@ -535,14 +691,12 @@ static int sq_row_digest(sqlite3_stmt *st, const int *kinds, int nf, buf_t *dg,
                 bad = canon_json(p, n, scratch, h, 0, NULL) < 0 ||
                       dj_str(dg, (const unsigned char *)scratch->p, scratch->len) < 0;
             }
-        } else if (type == SQLITE_INTEGER && kind == K_BIGINT) {
-            bad = dj_int(dg, sqlite3_column_int64(st, i)) < 0;
-        } else if (type == SQLITE_INTEGER && kind == K_BOOL) {
-            bad = sqlite3_column_int64(st, i) ? buf_put(dg, "true", 4) < 0
-                                              : buf_put(dg, "false", 5) < 0;
-        } else if (type == SQLITE_FLOAT && kind == K_DOUBLE &&
-                   isfinite(sqlite3_column_double(st, i))) {
-            bad = dj_double(dg, sqlite3_column_double(st, i), h) < 0;
+        } else if (tag == V_INT && kind == K_BIGINT) {
+            bad = dj_int(dg, v[i].i) < 0;
+        } else if (tag == V_INT && kind == K_BOOL) {
+            bad = v[i].i ? buf_put(dg, "true", 4) < 0 : buf_put(dg, "false", 5) < 0;
+        } else if (tag == V_REAL && kind == K_DOUBLE && isfinite(v[i].d)) {
+            bad = dj_double(dg, v[i].d, h) < 0;
         } else {
             return 0;
         }
@@ -551,6 +705,16 @@ static int sq_row_digest(sqlite3_stmt *st, const int *kinds, int nf, buf_t *dg,
     if (buf_put(dg, "]", 1) < 0) return -1;
     *acc += blake2b_128((const uint8_t *)dg->p, (size_t)dg->len);
     return 1;
+}
+
+/* stop the reader (unless it ended) and join it */
+static void reader_join(reader_t *R) {
+    if (!R->started) return;
+    Py_BEGIN_ALLOW_THREADS
+    chq_stop(&R->Q);
+    pthread_join(R->thread, NULL);
+    Py_END_ALLOW_THREADS
+    R->started = 0;
 }
 
 /* sqlite_digest(path as bytes, select_sql, kinds, helpers) -> (count, hi, lo); select_sql
@@ -567,52 +731,79 @@ static PyObject *sqlite_digest(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     }
     PyObject **h = &PyTuple_GET_ITEM(helpers, 0);
+    int nf = (int)ncols + 1;
     int *kinds = PyMem_Malloc(sizeof(int) * (ncols ? ncols : 1));
-    if (kinds == NULL) return PyErr_NoMemory();
-    sqlite3 *db = NULL;
-    sqlite3_stmt *st = NULL;
+    sv_t *vals = PyMem_Malloc(sizeof(sv_t) * nf);
+    if (kinds == NULL || vals == NULL) {
+        PyMem_Free(kinds);
+        PyMem_Free(vals);
+        return PyErr_NoMemory();
+    }
+    reader_t R;
+    memset(&R, 0, sizeof R);
+    chq_init(&R.Q);
     buf_t dg = {NULL, 0, 0}, scratch = {NULL, 0, 0};
     u128 acc = 0;
     Py_ssize_t count = 0;
     PyObject *result = NULL;
+    chunk_t ck = {NULL, 0, 0, 0};
     if (parse_kinds(kinds_t, kinds, ncols) < 0) goto out;
-    db = sq_open(path, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX);
-    if (db == NULL) goto out;
-    int prc = sqlite3_prepare_v2(db, select_sql, -1, &st, NULL);
-    if (prc != SQLITE_OK) { sq_error(db, prc, "prepare"); goto out; }
-    if (sqlite3_column_count(st) != ncols + 1) {
+    R.db = sq_open(path, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX);
+    if (R.db == NULL) goto out;
+    int prc = sqlite3_prepare_v2(R.db, select_sql, -1, &R.st, NULL);
+    if (prc != SQLITE_OK) { sq_error(R.db, prc, "prepare"); goto out; }
+    if (sqlite3_column_count(R.st) != nf) {
         PyErr_SetString(PyExc_ValueError, "sqlite_digest: the query gives key and data columns");
         goto out;
     }
+    R.ncol = nf;
+    if (pthread_create(&R.thread, NULL, reader_main, &R) != 0) {
+        PyErr_SetString(PyExc_OSError, "sqlite_digest: cannot start the reader thread");
+        goto out;
+    }
+    R.started = 1;
     for (;;) {
-        if (count % YIELD_ROWS == YIELD_ROWS - 1) { /* let the event loop thread run */
-            Py_BEGIN_ALLOW_THREADS
-            Py_END_ALLOW_THREADS
+        int got;
+        Py_BEGIN_ALLOW_THREADS /* the event loop thread runs meanwhile */
+        got = chq_pop(&R.Q, &ck);
+        Py_END_ALLOW_THREADS
+        if (!got) break;
+        const char *p = ck.p;
+        for (size_t r = 0; r < ck.rows; r++) {
+            sv_row(&p, vals, nf);
+            int nr = sv_row_digest(vals, kinds, nf, &dg, &scratch, h, &acc);
+            if (nr < 0) goto out;
+            if (nr == 0) {
+                PyObject *row = sv_row_tuple(vals, nf);
+                if (row == NULL) goto out;
+                int bad = py_row_digest(kinds, ncols, T_SQLITE, row, &dg, &scratch, h, &acc) < 0;
+                Py_DECREF(row);
+                if (bad) goto out;
+            }
+            count++;
         }
-        int rc = sqlite3_step(st);
-        if (rc == SQLITE_DONE) break;
-        if (rc != SQLITE_ROW) { sq_error(db, rc, "read"); goto out; }
-        int nr = sq_row_digest(st, kinds, (int)ncols + 1, &dg, &scratch, h, &acc);
-        if (nr < 0) goto out;
-        if (nr == 0) {
-            PyObject *row = sq_row_tuple(st, (int)ncols + 1);
-            if (row == NULL) goto out;
-            int bad = py_row_digest(kinds, ncols, T_SQLITE, row, &dg, &scratch, h, &acc) < 0;
-            Py_DECREF(row);
-            if (bad) goto out;
-        }
-        count++;
+        free(ck.p);
+        memset(&ck, 0, sizeof ck);
+    }
+    reader_join(&R);
+    if (R.Q.failed) {
+        PyErr_Format(SqliteError, "%s", R.Q.err);
+        goto out;
     }
     result = sum_result(count, acc, NULL);
 out:
-    sqlite3_finalize(st);
-    if (db != NULL) {
+    reader_join(&R); /* after an error: stops it */
+    free(ck.p);
+    chq_destroy(&R.Q);
+    sqlite3_finalize(R.st);
+    if (R.db != NULL) {
         Py_BEGIN_ALLOW_THREADS
-        sqlite3_close(db);
+        sqlite3_close(R.db);
         Py_END_ALLOW_THREADS
     }
     PyMem_Free(dg.p);
     PyMem_Free(scratch.p);
+    PyMem_Free(vals);
     PyMem_Free(kinds);
     return result;
 }
