@@ -177,6 +177,10 @@ def rpo_subprocess(bootstrap: str, workdir: Path, args: argparse.Namespace) -> d
     return result
 
 
+def _median(section: dict[str, Any], name: str) -> str:
+    return f", median of rounds {section[name]:.3f}" if name in section else ""
+
+
 def restore_subprocess(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The restore section in a fresh process, against a private PostgreSQL (pg.sh)."""
     root = Path(__file__).resolve().parent.parent
@@ -281,11 +285,17 @@ def _table(results: dict[str, Any]) -> None:
                                          f"{rst['pg_replay_seconds']}s, load "
                                          f"{rst['pg_load_seconds']}s)"),
             ("restore", "copy_rows_per_s", f"{rst['copy_rows_per_s']:,} (bare binary COPY)"),
-            ("restore", "pg_ratio", f"{rst['pg_ratio']:.3f} (goal >= 0.75)"),
+            ("restore", "pg_ratio", f"{rst['pg_ratio']:.3f} (goal >= 0.75)"
+                                    + _median(rst, "pg_ratio_median")),
             ("restore", "sqlite_rows_per_s", f"{rst['sqlite_rows_per_s']:,} vs bare "
                                              f"{rst['sqlite_bare_rows_per_s']:,}"),
-            ("restore", "sqlite_ratio", f"{rst['sqlite_ratio']:.3f} (goal >= 0.6)"),
+            ("restore", "sqlite_ratio", f"{rst['sqlite_ratio']:.3f} (goal >= 0.6)"
+                                        + _median(rst, "sqlite_ratio_median")),
         ]
+        if "pg_ratio_vs_key_after_copy" in rst:
+            rows.append(("restore", "pg vs COPY, key after",
+                         f"{rst['pg_ratio_vs_key_after_copy']:.3f} (COPY into the table "
+                         f"without its key, key built after: {rst['copy_key_after_seconds']}s)"))
         if "restore_seconds_by_history" in rst:
             rows.append(("restore", "seconds by history",
                          ", ".join(f"{k} {v}s" for k, v in
