@@ -1443,6 +1443,30 @@ static PyObject *sort_changes(PyObject *Py_UNUSED(self), PyObject *changes) {
     return res;
 }
 
+/* the row and canonical tuple of an event the raw path did not take: the orjson path,
+ * else the Python reference (slow_row); new references; 0 ok, -1 error */
+static int object_row(PyObject *key, PyObject *value, PyObject *topic, PyObject *partition,
+                      PyObject *offset, PyObject *names, const int *kinds, Py_ssize_t ncols,
+                      int target, PyObject **h, PyObject **row, PyObject **canon) {
+    int r = fast_row(key, value, topic, partition, offset, names, kinds, ncols, target, h, row,
+                     canon);
+    if (r != 0) return r < 0 ? -1 : 0;
+    PyObject *res = PyObject_CallFunctionObjArgs(h[H_SLOW_ROW], key, value, topic, partition,
+                                                 offset, NULL);
+    if (res == NULL) return -1;
+    if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2 ||
+        !PyTuple_Check(PyTuple_GET_ITEM(res, 0)) ||
+        PyTuple_GET_SIZE(PyTuple_GET_ITEM(res, 0)) != ncols + 6) {
+        Py_DECREF(res);
+        PyErr_SetString(PyExc_TypeError, "slow_row must return (row, canonical)");
+        return -1;
+    }
+    *row = Py_NewRef(PyTuple_GET_ITEM(res, 0));
+    *canon = Py_NewRef(PyTuple_GET_ITEM(res, 1));
+    Py_DECREF(res);
+    return 0;
+}
+
 static int parse_kinds(PyObject *kinds_t, int *kinds, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) {
         long k = PyLong_AsLong(PyTuple_GET_ITEM(kinds_t, i));
@@ -1526,23 +1550,10 @@ static PyObject *encode_chunk(PyObject *Py_UNUSED(self), PyObject *args) {
                          rows, &acc);
         if (rr < 0) goto fail;
         if (rr == 1) { count++; continue; }
-        PyObject *row = NULL, *canon = NULL;
-        int r = fast_row(key, value, topic, partition, offset, names, kinds, ncols, target, h,
-                         &row, &canon);
-        if (r < 0) goto fail;
-        if (r == 0) {
-            PyObject *res = PyObject_CallFunctionObjArgs(h[H_SLOW_ROW], key, value, topic,
-                                                         partition, offset, NULL);
-            if (res == NULL) goto fail;
-            if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2) {
-                Py_DECREF(res);
-                PyErr_SetString(PyExc_TypeError, "slow_row must return (row, canonical)");
-                goto fail;
-            }
-            row = Py_NewRef(PyTuple_GET_ITEM(res, 0));
-            canon = Py_NewRef(PyTuple_GET_ITEM(res, 1));
-            Py_DECREF(res);
-        }
+        PyObject *row, *canon;
+        if (object_row(key, value, topic, partition, offset, names, kinds, ncols, target, h,
+                       &row, &canon) < 0)
+            goto fail;
         int bad = digest_add(canon, h, &acc) < 0 ||
                   (binary ? put_row(&out, row, kinds, ncols, h) : PyList_Append(rows, row)) < 0;
         Py_DECREF(row);

@@ -484,25 +484,10 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
                 goto fail;
             }
         } else {
-            PyObject *row = NULL, *canon = NULL;
-            int f = fast_row(key, value, topic, partition, offset, names, kinds, ncols,
-                             T_SQLITE, h, &row, &canon);
-            if (f < 0) goto fail;
-            if (f == 0) {
-                PyObject *res = PyObject_CallFunctionObjArgs(h[H_SLOW_ROW], key, value, topic,
-                                                             partition, offset, NULL);
-                if (res == NULL) goto fail;
-                if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2 ||
-                    !PyTuple_Check(PyTuple_GET_ITEM(res, 0)) ||
-                    PyTuple_GET_SIZE(PyTuple_GET_ITEM(res, 0)) != ncols + 6) {
-                    Py_DECREF(res);
-                    PyErr_SetString(PyExc_TypeError, "slow_row must return (row, canonical)");
-                    goto fail;
-                }
-                row = Py_NewRef(PyTuple_GET_ITEM(res, 0));
-                canon = Py_NewRef(PyTuple_GET_ITEM(res, 1));
-                Py_DECREF(res);
-            }
+            PyObject *row, *canon;
+            if (object_row(key, value, topic, partition, offset, names, kinds, ncols, T_SQLITE,
+                           h, &row, &canon) < 0)
+                goto fail;
             int bad = digest_add(canon, h, &acc) < 0 || ck_py_row(&ck, row) < 0 ||
                       ck_null(&ck) < 0; /* hashed already */
             Py_DECREF(row);
