@@ -1123,7 +1123,6 @@ static int raw_parse(raw_ctx *c, const unsigned char *p, Py_ssize_t n, jv_t *ver
     return 1;
 }
 
-/* the digest text of the parsed row and its hash added to *acc */
 /* the digest text of the parsed row into c->dg (hashed by the caller) */
 static int raw_digest_text(raw_ctx *c, const char *key, Py_ssize_t keyn, PyObject **h) {
     buf_t *b = &c->dg;
@@ -1443,6 +1442,46 @@ static PyObject *sort_changes(PyObject *Py_UNUSED(self), PyObject *changes) {
     return res;
 }
 
+/* the fields of the change at values[i] that its row needs (borrowed), with the changes a
+ * few rows ahead prefetched (they sit in memory in replay order, not key order: each
+ * event's first bytes AHEAD rows on, its tuple twice as far): 1 a live change, 0 a
+ * tombstone, -1 error (`fn` names the caller in the message) */
+static int change_fields(PyObject *values, Py_ssize_t i, PyObject *parts, const char *fn,
+                         PyObject **value, PyObject **topic, PyObject **partition,
+                         PyObject **offset) {
+    enum { AHEAD = 4 };
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    if (i + 2 * AHEAD < n) __builtin_prefetch(PyList_GET_ITEM(values, i + 2 * AHEAD));
+    if (i + AHEAD < n) {
+        PyObject *ahead = PyList_GET_ITEM(values, i + AHEAD);
+        if (PyTuple_Check(ahead) && PyTuple_GET_SIZE(ahead) >= 5 &&
+            PyBytes_CheckExact(PyTuple_GET_ITEM(ahead, 4))) {
+            const char *d = PyBytes_AS_STRING(PyTuple_GET_ITEM(ahead, 4));
+            __builtin_prefetch(d);
+            __builtin_prefetch(d + 64);
+            __builtin_prefetch(d + 128);
+            __builtin_prefetch(d + 192);
+        }
+    }
+    PyObject *ch = PyList_GET_ITEM(values, i);
+    if (!PyTuple_Check(ch) || PyTuple_GET_SIZE(ch) < 5) {
+        PyErr_Format(PyExc_TypeError, "%s: a change is a tuple", fn);
+        return -1;
+    }
+    *value = PyTuple_GET_ITEM(ch, 4);
+    if (*value == Py_None) return 0;
+    Py_ssize_t rank = PyLong_AsSsize_t(PyTuple_GET_ITEM(ch, 2));
+    if (rank < 0 || rank >= PyList_GET_SIZE(parts)) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_IndexError, "%s: rank", fn);
+        return -1;
+    }
+    PyObject *part = PyList_GET_ITEM(parts, rank); /* (topic, partition) */
+    *topic = PyTuple_GET_ITEM(part, 0);
+    *partition = PyTuple_GET_ITEM(part, 1);
+    *offset = PyTuple_GET_ITEM(ch, 3);
+    return 1;
+}
+
 /* the row and canonical tuple of an event the raw path did not take: the orjson path,
  * else the Python reference (slow_row); new references; 0 ok, -1 error */
 static int object_row(PyObject *key, PyObject *value, PyObject *topic, PyObject *partition,
@@ -1512,40 +1551,13 @@ static PyObject *encode_chunk(PyObject *Py_UNUSED(self), PyObject *args) {
     rows = PyList_New(0);
     if (rows == NULL) goto fail;
     Py_ssize_t nkeys = PyList_GET_SIZE(keys);
-    /* The changes sit in memory in replay order, not key order: each event's first bytes
-     * are prefetched a few rows ahead of the parse, its tuple a few more. */
-    enum { AHEAD = 4 };
     for (Py_ssize_t i = 0; i < nkeys; i++) {
         PyObject *key = PyList_GET_ITEM(keys, i);
-        PyObject *ch = PyList_GET_ITEM(values, i);
-        if (i + 2 * AHEAD < nkeys) __builtin_prefetch(PyList_GET_ITEM(values, i + 2 * AHEAD));
-        if (i + AHEAD < nkeys) {
-            PyObject *ahead = PyList_GET_ITEM(values, i + AHEAD);
-            if (PyTuple_Check(ahead) && PyTuple_GET_SIZE(ahead) >= 5) {
-                PyObject *v = PyTuple_GET_ITEM(ahead, 4);
-                if (PyBytes_CheckExact(v)) {
-                    const char *d = PyBytes_AS_STRING(v);
-                    __builtin_prefetch(d);
-                    __builtin_prefetch(d + 64);
-                    __builtin_prefetch(d + 128);
-                    __builtin_prefetch(d + 192);
-                }
-            }
-        }
-        if (!PyTuple_Check(ch) || PyTuple_GET_SIZE(ch) < 5) {
-            PyErr_SetString(PyExc_TypeError, "encode_chunk: a change is a tuple");
-            goto fail;
-        }
-        PyObject *value = PyTuple_GET_ITEM(ch, 4);
-        if (value == Py_None) continue; /* a tombstone */
-        Py_ssize_t rank = PyLong_AsSsize_t(PyTuple_GET_ITEM(ch, 2));
-        if (rank < 0 || rank >= PyList_GET_SIZE(parts)) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_IndexError, "encode_chunk: rank");
-            goto fail;
-        }
-        PyObject *part = PyList_GET_ITEM(parts, rank); /* (topic, partition) */
-        PyObject *topic = PyTuple_GET_ITEM(part, 0), *partition = PyTuple_GET_ITEM(part, 1);
-        PyObject *offset = PyTuple_GET_ITEM(ch, 3);
+        PyObject *value, *topic, *partition, *offset;
+        int live = change_fields(values, i, parts, "encode_chunk", &value, &topic, &partition,
+                                 &offset);
+        if (live < 0) goto fail;
+        if (live == 0) continue; /* a tombstone */
         int rr = raw_row(&rc, key, value, topic, partition, offset, target, binary, h, &out,
                          rows, &acc);
         if (rr < 0) goto fail;

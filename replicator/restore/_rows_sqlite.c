@@ -431,36 +431,13 @@ static PyObject *sqlite_load(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     L.started = 1;
     Py_ssize_t nkeys = PyList_GET_SIZE(keys);
-    enum { AHEAD = 4 };
     for (Py_ssize_t i = 0; i < nkeys; i++) {
         PyObject *key = PyList_GET_ITEM(keys, i);
-        PyObject *ch = PyList_GET_ITEM(values, i);
-        if (!PyTuple_Check(ch) || PyTuple_GET_SIZE(ch) < 5) {
-            PyErr_SetString(PyExc_TypeError, "sqlite_load: a change is a tuple");
-            goto fail;
-        }
-        /* the changes sit in memory in replay order: prefetch ahead of the parse */
-        if (i + 2 * AHEAD < nkeys) __builtin_prefetch(PyList_GET_ITEM(values, i + 2 * AHEAD));
-        if (i + AHEAD < nkeys) {
-            PyObject *nx = PyList_GET_ITEM(values, i + AHEAD);
-            if (PyTuple_Check(nx) && PyTuple_GET_SIZE(nx) >= 5 &&
-                PyBytes_CheckExact(PyTuple_GET_ITEM(nx, 4))) {
-                const char *d = PyBytes_AS_STRING(PyTuple_GET_ITEM(nx, 4));
-                __builtin_prefetch(d);
-                __builtin_prefetch(d + 64);
-                __builtin_prefetch(d + 128);
-            }
-        }
-        PyObject *value = PyTuple_GET_ITEM(ch, 4);
-        if (value == Py_None) continue; /* a tombstone */
-        Py_ssize_t rank = PyLong_AsSsize_t(PyTuple_GET_ITEM(ch, 2));
-        if (rank < 0 || rank >= PyList_GET_SIZE(parts)) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_IndexError, "sqlite_load: rank");
-            goto fail;
-        }
-        PyObject *part = PyList_GET_ITEM(parts, rank);
-        PyObject *topic = PyTuple_GET_ITEM(part, 0), *partition = PyTuple_GET_ITEM(part, 1);
-        PyObject *offset = PyTuple_GET_ITEM(ch, 3);
+        PyObject *value, *topic, *partition, *offset;
+        int live = change_fields(values, i, parts, "sqlite_load", &value, &topic, &partition,
+                                 &offset);
+        if (live < 0) goto fail;
+        if (live == 0) continue; /* a tombstone */
         int r = 0;
         jv_t version, ts;
         tm_t ts_tm;

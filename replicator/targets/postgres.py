@@ -14,7 +14,7 @@ The key column is ``text COLLATE "C"`` so the database orders keys like the rest
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -198,28 +198,27 @@ class PostgresTarget:
                 yield chunk
 
         try:
-            await conn.execute(create_table_sql(self.schema, layout, key_constraint=False))
-            res = await conn.copy_to_table(layout.entity, schema_name=self.schema,
-                                           columns=layout.column_names, source=chunks(),
-                                           format="binary")
-            await conn.execute(add_key_sql(self.schema, layout))
-        except asyncpg.PostgresError as exc:
-            raise TargetError(f"{self.location}: loading {layout.entity}: {exc}") from None
+            return await self._load(layout, lambda: conn.copy_to_table(
+                layout.entity, schema_name=self.schema, columns=layout.column_names,
+                source=chunks(), format="binary"))
         except (TypeError, ValueError, OverflowError) as exc:
             raise TargetError(f"{self.location}: loading {layout.entity}: a value does not "
                               f"fit its column ({exc})") from None
-        return int(res.split()[-1]) if res else 0
 
     async def write_rows(self, layout: TableLayout, rows: Iterable[tuple[Any, ...]]) -> int:
         """Create the entity's table and binary-COPY ``rows`` (already in the table's
         column order and types, key order) into it."""
         conn = self._c()
+        return await self._load(layout, lambda: conn.copy_records_to_table(
+            layout.entity, schema_name=self.schema, columns=layout.column_names, records=rows))
+
+    async def _load(self, layout: TableLayout, copy: Callable[[], Awaitable[str]]) -> int:
+        """The entity's table without its key, ``copy`` (the COPY into it), then the key;
+        the number of rows copied."""
+        conn = self._c()
         try:
             await conn.execute(create_table_sql(self.schema, layout, key_constraint=False))
-            res = await conn.copy_records_to_table(
-                layout.entity, schema_name=self.schema, columns=layout.column_names,
-                records=rows,
-            )
+            res = await copy()
             await conn.execute(add_key_sql(self.schema, layout))
         except asyncpg.PostgresError as exc:
             raise TargetError(f"{self.location}: loading {layout.entity}: {exc}") from None
